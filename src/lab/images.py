@@ -47,7 +47,6 @@ MIRROR_ENV = "UPDATELAB_DEBIAN_MIRROR"
 
 IMAGE_REPOSITORY_PREFIX = "updatelab/"
 BASE_REPOSITORY_PREFIX = "updatelab-base/"
-LABEL_LAB = "updatelab"
 LABEL_TARGET = "updatelab.target"
 LABEL_RECIPE_HASH = "updatelab.recipe-hash"
 LABEL_ROOTFS_KEY = "updatelab.rootfs-key"
@@ -59,7 +58,7 @@ RECIPE_KINDS = ("debootstrap", "registry")
 SERVICE_MANAGERS = ("systemd", "sysvinit", "openrc", "runit", "upstart", "procd")
 
 #: Bump when the way a root filesystem tarball is made changes, so old cached tarballs are not reused.
-ROOTFS_FORMAT = 1
+ROOTFS_FORMAT = 2
 
 _TARGET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
 
@@ -80,6 +79,10 @@ class Recipe:
     suite: str = ""
     #: Packages that debootstrap adds to its minbase variant.
     packages: tuple[str, ...] = ()
+    #: Packages installed with apt-get in a chroot after debootstrap. debootstrap's resolver
+    #: always takes the first alternative of a dependency, so a package such as openrc, which
+    #: conflicts with that first alternative (sysv-rc), must be installed this way.
+    apt_packages: tuple[str, ...] = ()
     #: Debian mirror from the recipe; empty means "take it from the host's apt sources".
     mirror: str = ""
     #: Image named in the Dockerfile's FROM line of a registry recipe.
@@ -194,9 +197,8 @@ def load_recipe(name: str) -> Recipe:
             f"{path}: invalid service_manager {service_manager!r}; expected one of {', '.join(SERVICE_MANAGERS)}"
         )
 
-    packages = data.get("packages", [])
-    if not isinstance(packages, list) or not all(isinstance(item, str) for item in packages):
-        raise ConfigError(f"{path}: 'packages' must be a list of package names")
+    packages = _recipe_string_list(path, data, "packages")
+    apt_packages = _recipe_string_list(path, data, "apt_packages")
 
     recipe = Recipe(
         name=name,
@@ -207,7 +209,8 @@ def load_recipe(name: str) -> Recipe:
         arch=_recipe_string(path, data, "arch", required=True),
         agent=_recipe_string(path, data, "agent", required=True),
         suite=_recipe_string(path, data, "suite", required=kind == "debootstrap"),
-        packages=tuple(packages),
+        packages=packages,
+        apt_packages=apt_packages,
         mirror=_recipe_string(path, data, "mirror", required=False),
         base_image=_recipe_string(path, data, "base_image", required=kind == "registry"),
     )
@@ -224,6 +227,13 @@ def _recipe_string(path: Path, data: dict, key: str, *, required: bool) -> str:
     if required and not value:
         raise ConfigError(f"{path}: missing required key {key!r}")
     return value
+
+
+def _recipe_string_list(path: Path, data: dict, key: str) -> tuple[str, ...]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise ConfigError(f"{path}: {key!r} must be a list of package names")
+    return tuple(value)
 
 
 def recipe_hash(name: str) -> str:
@@ -294,8 +304,8 @@ def build(
     client = client or _connect()
     wanted_hash = recipe_hash(name)
 
+    existing = _find_image(client, recipe.tag)
     if not rebuild:
-        existing = _find_image(client, recipe.tag)
         if existing is not None and existing.labels.get(LABEL_RECIPE_HASH) == wanted_hash:
             report("done", f"reusing {recipe.tag} (recipe unchanged)")
             return BuildResult(name, recipe.tag, existing.id, True, time.monotonic() - started)
@@ -316,6 +326,7 @@ def build(
         network_mode = None
 
     image_id = _docker_build(client, recipe, wanted_hash, build_args, network_mode, rebuild, report)
+    _remove_superseded_images(client, recipe, keep={image_id, build_args.get("BASE", "")}, previous=existing)
     seconds = time.monotonic() - started
     report("done", f"built {recipe.tag} in {seconds:.0f} s")
     return BuildResult(name, recipe.tag, image_id, False, seconds)
@@ -510,9 +521,25 @@ def _check_free_space(client: docker.DockerClient) -> None:
             )
 
 
+def _remove_superseded_images(client: docker.DockerClient, recipe: Recipe, keep: set[str], previous) -> None:
+    """Remove the replaced final image and base images of older rootfs keys; keep any still in use."""
+    candidates = []
+    if previous is not None and previous.id not in keep:
+        candidates.append(previous.id)
+    for image in client.images.list(name=f"{BASE_REPOSITORY_PREFIX}{recipe.name}"):
+        if not keep.intersection(image.tags):
+            candidates.append(image.id)
+    for image_id in candidates:
+        try:
+            client.images.remove(image_id, force=False, noprune=False)
+        except docker.errors.APIError:
+            # Still used by a container or by another tag: leave it for `docker image prune`.
+            continue
+
+
 def _rootfs_key(recipe: Recipe, mirror: str) -> str:
     text = "\n".join(
-        [f"format={ROOTFS_FORMAT}", recipe.suite, recipe.arch, "minbase", mirror, *sorted(recipe.packages)]
+        [f"format={ROOTFS_FORMAT}", recipe.suite, recipe.arch, "minbase", mirror, *sorted(recipe.packages), "apt", *recipe.apt_packages]
     )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -536,8 +563,9 @@ def _ensure_base_image(
 
     report("import", f"importing {tarball.name} as {base_tag}")
     repository, tag = base_tag.rsplit(":", 1)
+    # Images carry no `updatelab` or `updatelab.run` label: containers inherit image labels,
+    # and `clean` removes every container that has them.
     changes = [
-        f"LABEL {LABEL_LAB}=1",
         f"LABEL {LABEL_TARGET}={recipe.name}",
         f"LABEL {LABEL_ROOTFS_KEY}={key}",
     ]
@@ -587,8 +615,11 @@ def _debootstrap(recipe: Recipe, mirror: str, tarball: Path, report: Callable[[s
                 f"{' '.join(command)}\n{detail}"
             )
 
+        if recipe.apt_packages:
+            _apt_install_in_chroot(recipe, root, deb_cache, report)
+
         # Package lists and downloaded archives only make the image bigger.
-        for leftover in ("var/lib/apt/lists", "var/cache/apt/archives"):
+        for leftover in ("var/lib/apt/lists", "var/cache/apt", "var/cache/apt/archives"):
             for entry in (root / leftover).glob("*"):
                 if entry.is_file():
                     entry.unlink()
@@ -604,6 +635,37 @@ def _debootstrap(recipe: Recipe, mirror: str, tarball: Path, report: Callable[[s
             partial.unlink(missing_ok=True)
             raise ImageBuildError(f"{recipe.name}: step 'pack rootfs' failed: tar exited {packed.returncode}\n{_tail(packed.stderr)}")
         partial.replace(tarball)
+
+
+def _apt_install_in_chroot(recipe: Recipe, root: Path, deb_cache: Path, report: Callable[[str, str], None]) -> None:
+    """Install `recipe.apt_packages` with apt-get inside the debootstrapped `root`."""
+    # policy-rc.d exit status 101 tells maintainer scripts not to start services in the chroot.
+    policy = root / "usr/sbin/policy-rc.d"
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    archives = root / "var/cache/apt/archives"
+    shell = (
+        "apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -q -y --no-install-recommends "
+        + " ".join(recipe.apt_packages)
+    )
+    command = ["chroot", str(root), "/bin/sh", "-c", shell]
+    report("debootstrap", f"apt-get install {' '.join(recipe.apt_packages)} in the chroot")
+    try:
+        # Reuse debootstrap's download cache, so a rebuild downloads only what changed.
+        for deb in deb_cache.glob("*.deb"):
+            target = archives / deb.name
+            if not target.exists():
+                shutil.copy2(deb, target)
+        output = _run_streaming(command, lambda line: report("debootstrap", line))
+        for deb in archives.glob("*.deb"):
+            if not (deb_cache / deb.name).exists():
+                shutil.copy2(deb, deb_cache / deb.name)
+    finally:
+        policy.unlink(missing_ok=True)
+    if output.returncode != 0:
+        raise ImageBuildError(
+            f"{recipe.name}: step 'apt-get install' failed with exit status {output.returncode}: {shell}\n{_tail(output.text)}"
+        )
 
 
 @dataclasses.dataclass
@@ -633,7 +695,7 @@ def _docker_build(
     report: Callable[[str, str], None],
 ) -> str:
     """Run ``docker build`` on the recipe folder and return the new image id."""
-    labels = {LABEL_LAB: "1", LABEL_TARGET: recipe.name, LABEL_RECIPE_HASH: wanted_hash}
+    labels = {LABEL_TARGET: recipe.name, LABEL_RECIPE_HASH: wanted_hash}
     log: list[str] = []
     step = "build"
     image_id = None

@@ -58,7 +58,7 @@ class ServiceManager(abc.ABC):
     name: ClassVar[str]
 
     #: The agent's MeshAgent_Posix_PlatformTypes value for this manager (meshcore/agentcore.h),
-    #: which the agent logs as ``PLATFORM_TYPE: n``; 0 means the agent treats it as unknown.
+    #: which the agent logs as ``PLATFORM_TYPE: n``. The value 0 means the agent treats it as unknown.
     platform_type: ClassVar[int]
 
     def __init__(self, target: Target) -> None:
@@ -75,15 +75,15 @@ class ServiceManager(abc.ABC):
 
     @abc.abstractmethod
     def start(self, name: str) -> None:
-        """Start service `name`; raise CommandError if the manager reports a failure."""
+        """Start service `name`, raising CommandError if the manager reports a failure."""
 
     @abc.abstractmethod
     def stop(self, name: str) -> None:
-        """Stop service `name`; raise CommandError if the manager reports a failure."""
+        """Stop service `name`, raising CommandError if the manager reports a failure."""
 
     @abc.abstractmethod
     def restart(self, name: str) -> None:
-        """Restart service `name`; raise CommandError if the manager reports a failure."""
+        """Restart service `name`, raising CommandError if the manager reports a failure."""
 
     @abc.abstractmethod
     def logs(self, name: str, lines: int = DEFAULT_LOG_LINES) -> str:
@@ -153,7 +153,7 @@ class ServiceManager(abc.ABC):
         return [path for path in paths if self.target.file_exists(path)]
 
     def _read_pidfile(self, path: str) -> int | None:
-        """Return the PID stored in `path`, or None if the file is missing or holds no number."""
+        """Return the PID stored in `path`, or None if the file is missing or contains no number."""
         try:
             text = self.target.get_file(path).decode("ascii", errors="replace")
         except FileNotFoundError:

@@ -12,7 +12,7 @@ from lab.services.base import DEFAULT_LOG_LINES, NOT_FOUND, ServiceManager, Serv
 _RUNNING = re.compile(r"is running as pid (\d+)")
 _UNKNOWN = "does not exist in /etc/rc.d"
 
-# The installer's rc script holds: command_args="-P ${pidfile} -r -f \"PATH\" PARAMETERS"
+# The installer's rc script contains: command_args="-P ${pidfile} -r -f \"PATH\" PARAMETERS"
 _DAEMON_TARGET = re.compile(r'-f \\"([^"\\]+)\\"')
 
 
@@ -57,7 +57,7 @@ class FreeBSD(ServiceManager):
         """Return the end of /var/log/messages.
 
         daemon(8) runs the agent with ``-f``, which sends its output to /dev/null, so syslog
-        holds only the messages of the system and of daemon itself.
+        contains only the messages of the system and of daemon itself.
         """
         return self._run(["tail", "-n", str(lines), "/var/log/messages"]).output
 
@@ -69,7 +69,9 @@ class FreeBSD(ServiceManager):
         text = self._read_text(rc_script(name), "agent_executable", name)
         match = _DAEMON_TARGET.search(text)
         if match is None:
-            raise self.unsupported("agent_executable", f'{rc_script(name)} has no -f \\"PATH\\" in command_args')
+            raise self.unsupported(
+                "agent_executable", f'{rc_script(name)} has no -f \\"PATH\\" in command_args'
+            )
         return match.group(1)
 
     def _process_images(self) -> list[tuple[int, str]]:

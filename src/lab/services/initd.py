@@ -15,12 +15,22 @@ DISABLED_SCRIPTS_FOLDER = "/var/tmp/updatelab-disabled"
 
 # Status lines of the installer's SysV script: "NAME start/running, process PID" when the PID in
 # /var/run/NAME.pid is alive, "NAME stop/waiting" otherwise. The script exits 0 in both cases.
-_SCRIPT_STATUS = re.compile(r"^\S+ (?P<goal>start|stop)/(?P<state>[\w-]+)(?:, process (?P<pid>\d+))?\s*$", re.MULTILINE)
+_SCRIPT_STATUS = re.compile(
+    r"^\S+ (?P<goal>start|stop)/(?P<state>[\w-]+)(?:, process (?P<pid>\d+))?\s*$", re.MULTILINE
+)
 
 # OpenRC prints " * status: STATE" and exits with a code that also encodes the state
 # (OpenRC sh/supervise-daemon.sh supervise_status and its openrc-run.sh equivalent).
 _OPENRC_STATUS = re.compile(r"status: (?P<state>[\w-]+)")
-_OPENRC_EXIT_STATES = {0: "started", 3: "stopped", 4: "stopping", 8: "starting", 16: "inactive", 32: "crashed", 64: "unsupervised"}
+_OPENRC_EXIT_STATES = {
+    0: "started",
+    3: "stopped",
+    4: "stopping",
+    8: "starting",
+    16: "inactive",
+    32: "crashed",
+    64: "unsupervised",
+}
 
 
 def init_script(name: str) -> str:
@@ -57,11 +67,15 @@ class SysVinit(ServiceManager):
             pid = int(match.group("pid")) if match.group("pid") else None
             if running and pid is None:
                 pid = self._read_pidfile(pidfile(name))
-            return ServiceStatus(running=running, pid=pid, state=f"{match.group('goal')}/{match.group('state')}", raw=output)
+            return ServiceStatus(
+                running=running, pid=pid, state=f"{match.group('goal')}/{match.group('state')}", raw=output
+            )
 
         running = result.exit_status == 0
         pid = self._read_pidfile(pidfile(name)) if running else None
-        return ServiceStatus(running=running, pid=pid, state=_last_line(output, result.exit_status), raw=output)
+        return ServiceStatus(
+            running=running, pid=pid, state=_last_line(output, result.exit_status), raw=output
+        )
 
     # The installer's script exits 0 even when start or stop fails, so only a missing script
     # (exit 1, "unrecognized service") raises CommandError here.
@@ -90,7 +104,10 @@ class SysVinit(ServiceManager):
         text = self._read_text(init_script(name), "agent_executable", name)
         match = re.search(r"^SCRIPT=(.+)$", text, re.MULTILINE)
         if match is None:
-            raise self.unsupported("agent_executable", f"{init_script(name)} has no SCRIPT= line; it was not written by the MeshAgent installer")
+            raise self.unsupported(
+                "agent_executable",
+                f"{init_script(name)} has no SCRIPT= line; it was not written by the MeshAgent installer",
+            )
         return match.group(1).strip()
 
     def disable_restart(self, name: str) -> None:
@@ -104,7 +121,9 @@ class SysVinit(ServiceManager):
         """Move the init script that `disable_restart` moved away back to /etc/init.d."""
         saved = _disabled_path(name)
         if not self.target.file_exists(saved):
-            raise self.unsupported("restore_restart", f"{saved} not found on {self.target.name}; was disable_restart called?")
+            raise self.unsupported(
+                "restore_restart", f"{saved} not found on {self.target.name}; was disable_restart called?"
+            )
         self._run(["mv", saved, init_script(name)])
 
 
@@ -113,7 +132,7 @@ class OpenRC(SysVinit):
 
     The installer's script sets supervisor=supervise-daemon unless crash restart is turned off.
     supervise-daemon then writes its own PID to /var/run/NAME.pid and runs the agent as its
-    child, so `main_pid` returns the supervisor's PID. Without a supervisor the file holds
+    child, so `main_pid` returns the supervisor's PID. Without a supervisor the file contains
     the agent's PID.
     """
 
@@ -155,7 +174,9 @@ class OpenRC(SysVinit):
         output is not kept. Raises CommandError if /var/log/messages is missing, which happens
         when no syslog daemon runs on the target.
         """
-        command = f"grep -F -- {quote(name)} /var/log/messages | tail -n {int(lines)}; test -e /var/log/messages"
+        command = (
+            f"grep -F -- {quote(name)} /var/log/messages | tail -n {int(lines)}; test -e /var/log/messages"
+        )
         return self._run(command).output
 
     def agent_executable(self, name: str) -> str:
@@ -181,4 +202,3 @@ def _disabled_path(name: str) -> str:
 def _last_line(output: str, exit_status: int) -> str:
     lines = output.strip().splitlines()
     return lines[-1].strip() if lines else f"exit status {exit_status}"
-

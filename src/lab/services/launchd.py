@@ -6,12 +6,19 @@ import plistlib
 import re
 
 from lab.errors import ServiceManagerError
-from lab.services.base import DEFAULT_LOG_LINES, NOT_FOUND, ServiceManager, ServiceStatus, parse_ps_listing, quote
+from lab.services.base import (
+    DEFAULT_LOG_LINES,
+    NOT_FOUND,
+    ServiceManager,
+    ServiceStatus,
+    parse_ps_listing,
+    quote,
+)
 
-# launchctl exits 113 and prints 'Could not find service "NAME" in domain for port' when the
-# label is not loaded in the system domain; this holds for both `print` and `list NAME`.
+# launchctl exits 113 and prints 'Could not find service "NAME" in domain for ...' when the
+# label is not loaded in the system domain. Both `print` and `list NAME` behave this way.
 _NOT_LOADED = "Could not find service"
-# macOS before 10.10 has no `launchctl print` and answers with this text.
+# macOS before 10.10 has no `launchctl print` and prints this text instead.
 _NO_PRINT = "Unrecognized subcommand"
 
 # Lines one tab deep in `launchctl print system/NAME` output; nested blocks are indented further.
@@ -42,7 +49,10 @@ class Launchd(ServiceManager):
         if _NOT_LOADED in output:
             return ServiceStatus(running=False, pid=None, state=NOT_FOUND, raw=output)
         if not result.ok:
-            raise self.unsupported("status", f"launchctl print system/{name} exited with status {result.exit_status}: {output.strip()}")
+            raise self.unsupported(
+                "status",
+                f"launchctl print system/{name} exited with status {result.exit_status}: {output.strip()}",
+            )
 
         state_match = _PRINT_STATE.search(output)
         pid_match = _PRINT_PID.search(output)
@@ -58,7 +68,9 @@ class Launchd(ServiceManager):
         pid_match = _LIST_PID.search(output)
         pid = int(pid_match.group(1)) if pid_match else None
         # `launchctl list` omits the PID key while the job is loaded but not running.
-        return ServiceStatus(running=pid is not None, pid=pid, state="running" if pid else "not running", raw=output)
+        return ServiceStatus(
+            running=pid is not None, pid=pid, state="running" if pid else "not running", raw=output
+        )
 
     # launchctl exits non-zero when an action fails, and target.run raises CommandError then.
     # NOTE: these commands follow launchctl(1) of macOS 10.11 and later; no macOS target has run them yet.
@@ -84,7 +96,9 @@ class Launchd(ServiceManager):
             # The plist is missing or unreadable, so the label is the best guess at the process name.
             process = name
         predicate = f'process == "{process}"'
-        return self._run(f"log show --style syslog --last 1d --predicate {quote(predicate)} | tail -n {int(lines)}").output
+        return self._run(
+            f"log show --style syslog --last 1d --predicate {quote(predicate)} | tail -n {int(lines)}"
+        ).output
 
     def service_files(self, name: str) -> list[str]:
         return self._existing([plist_path(name)])
@@ -94,11 +108,15 @@ class Launchd(ServiceManager):
         try:
             data = self.target.get_file(path)
         except FileNotFoundError:
-            raise self.unsupported("agent_executable", f"{path} not found on {self.target.name}; is service {name!r} installed?") from None
+            raise self.unsupported(
+                "agent_executable", f"{path} not found on {self.target.name}; is service {name!r} installed?"
+            ) from None
         try:
             plist = plistlib.loads(data)
         except (plistlib.InvalidFileException, ValueError) as error:
-            raise self.unsupported("agent_executable", f"{path} is not a valid property list: {error}") from None
+            raise self.unsupported(
+                "agent_executable", f"{path} is not a valid property list: {error}"
+            ) from None
         arguments = plist.get("ProgramArguments") if isinstance(plist, dict) else None
         if not arguments:
             raise self.unsupported("agent_executable", f"{path} has no ProgramArguments")
@@ -108,4 +126,3 @@ class Launchd(ServiceManager):
         # macOS has no /proc. Its ps prints the full path of each executable in the comm column.
         result = self._run(["ps", "-axww", "-o", "pid=,comm="])
         return parse_ps_listing(result.output)
-

@@ -15,7 +15,7 @@ _STATUS_SCRIPT_MISSING = 127
 
 # The installer's init script starts the service with: procd_set_param command /bin/sh "PATH.sh"
 _PROCD_COMMAND = re.compile(r'procd_set_param command /bin/sh "([^"]+)"')
-# The installer's PATH.sh holds: cd "INSTALL_PATH" and exec "./TARGET" PARAMETERS
+# The installer's PATH.sh contains: cd "INSTALL_PATH" and exec "./TARGET" PARAMETERS
 _SH_CHDIR = re.compile(r'^cd "([^"]+)"', re.MULTILINE)
 _SH_EXEC = re.compile(r'^exec "\./([^"]+)"', re.MULTILINE)
 
@@ -45,7 +45,9 @@ class Procd(ServiceManager):
         if result.exit_status == _STATUS_SCRIPT_MISSING:
             return ServiceStatus(running=False, pid=None, state=NOT_FOUND, raw=output)
 
-        state = output.strip().splitlines()[-1].strip() if output.strip() else f"exit status {result.exit_status}"
+        state = (
+            output.strip().splitlines()[-1].strip() if output.strip() else f"exit status {result.exit_status}"
+        )
         running = result.exit_status == 0 and state.startswith("running")
         if not running:
             return ServiceStatus(running=False, pid=None, state=state, raw=output)
@@ -66,7 +68,10 @@ class Procd(ServiceManager):
         try:
             listing = json.loads(text)
         except json.JSONDecodeError as error:
-            raise self.unsupported("status", f"ubus printed output that is not JSON ({error}): {text[:200]!r}") from None
+            raise self.unsupported(
+                "status",
+                f"ubus printed invalid JSON ({error}): {text[:200]!r}. Check that procd and ubusd run on the target.",
+            ) from None
         return (listing if isinstance(listing, dict) else {}), result.output
 
     # rc.common exits with the status of the procd call, non-zero when ubus fails, and
@@ -97,7 +102,10 @@ class Procd(ServiceManager):
         chdir = _SH_CHDIR.search(text)
         target = _SH_EXEC.search(text)
         if chdir is None or target is None:
-            raise self.unsupported("agent_executable", f'{start_script} lacks the cd "..." and exec "./..." lines that the installer writes')
+            raise self.unsupported(
+                "agent_executable",
+                f'{start_script} lacks the cd "..." and exec "./..." lines that the installer writes',
+            )
         return f"{chdir.group(1).rstrip('/')}/{target.group(1)}"
 
     def _start_script(self, name: str) -> str:
@@ -116,4 +124,3 @@ def _first_running_pid(service: dict) -> int | None:
         if isinstance(instance, dict) and instance.get("running") and isinstance(instance.get("pid"), int):
             return instance["pid"]
     return None
-

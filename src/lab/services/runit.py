@@ -34,7 +34,9 @@ class Runit(ServiceManager):
         service_part = first_line.split(";", 1)[0]
         match = _SV_STATUS.match(service_part)
         if match is None:
-            return ServiceStatus(running=False, pid=None, state=first_line or f"exit status {result.exit_status}", raw=output)
+            return ServiceStatus(
+                running=False, pid=None, state=first_line or f"exit status {result.exit_status}", raw=output
+            )
 
         state = match.group("state")
         detail = match.group("detail")
@@ -44,7 +46,12 @@ class Runit(ServiceManager):
         pid_match = _SV_PID.search(detail)
         running = state == "run"
         pid = int(pid_match.group(1)) if running and pid_match else None
-        return ServiceStatus(running=running, pid=pid, state=f"{state}: {detail}" if state in ("fail", "warning") else state, raw=output)
+        return ServiceStatus(
+            running=running,
+            pid=pid,
+            state=f"{state}: {detail}" if state in ("fail", "warning") else state,
+            raw=output,
+        )
 
     # sv start, stop and restart print "ok: ..." and exit 0 on success, "fail: ..." or
     # "timeout: ..." and exit 1 on failure, and target.run raises CommandError then.

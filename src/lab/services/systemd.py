@@ -65,10 +65,16 @@ class Systemd(ServiceManager):
     def logs(self, name: str, lines: int = DEFAULT_LOG_LINES) -> str:
         """Return the journal of the unit.
 
-        The installer's unit sets StandardOutput=null, so the journal holds systemd's own
+        The installer's unit sets StandardOutput=null, so the journal contains systemd's own
         messages about the unit (starts, stops, exit statuses, restarts), not agent output.
         """
-        command = ["journalctl", "--no-pager", "--output=short-iso", f"--lines={lines}", f"--unit={unit_name(name)}"]
+        command = [
+            "journalctl",
+            "--no-pager",
+            "--output=short-iso",
+            f"--lines={lines}",
+            f"--unit={unit_name(name)}",
+        ]
         return self._run(command).output
 
     def service_files(self, name: str) -> list[str]:
@@ -83,14 +89,19 @@ class Systemd(ServiceManager):
     def agent_executable(self, name: str) -> str:
         files = self.service_files(name)
         if not files:
-            raise self.unsupported("agent_executable", f"no unit file {unit_name(name)} in {' or '.join(_UNIT_FOLDERS)}")
+            raise self.unsupported(
+                "agent_executable", f"no unit file {unit_name(name)} in {' or '.join(_UNIT_FOLDERS)}"
+            )
         text = self._read_text(files[0], "agent_executable", name)
         for line in text.splitlines():
             if line.startswith("ExecStart="):
                 # The installer escapes spaces in the path as \x20 and separates arguments by spaces.
                 command = line.removeprefix("ExecStart=").lstrip("-@:+!")
                 return command.split(" ", 1)[0].replace("\\x20", " ")
-        raise self.unsupported("agent_executable", f"{files[0]} has no ExecStart= line")
+        raise self.unsupported(
+            "agent_executable",
+            f"{files[0]} has no ExecStart= line. Reinstall the agent so that the installer rewrites the unit.",
+        )
 
     def disable_restart(self, name: str) -> None:
         """Mask the unit so that systemd refuses every start, including Restart=on-failure."""
@@ -98,4 +109,3 @@ class Systemd(ServiceManager):
 
     def restore_restart(self, name: str) -> None:
         self._run(["systemctl", "unmask", unit_name(name)])
-

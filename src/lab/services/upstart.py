@@ -9,7 +9,9 @@ from lab.services.base import DEFAULT_LOG_LINES, NOT_FOUND, ServiceManager, Serv
 
 # "NAME start/running, process 1234", "NAME stop/waiting" or, for a job with several processes,
 # "NAME start/post-start, (post-start) process 1234".
-_INITCTL_STATUS = re.compile(r"^\S+ (?P<goal>start|stop)/(?P<state>[\w-]+)(?:, (?:\([\w-]+\) )?process (?P<pid>\d+))?", re.MULTILINE)
+_INITCTL_STATUS = re.compile(
+    r"^\S+ (?P<goal>start|stop)/(?P<state>[\w-]+)(?:, (?:\([\w-]+\) )?process (?P<pid>\d+))?", re.MULTILINE
+)
 
 
 def job_file(name: str) -> str:
@@ -32,10 +34,17 @@ class Upstart(ServiceManager):
 
         match = _INITCTL_STATUS.search(output)
         if match is None:
-            return ServiceStatus(running=False, pid=None, state=output.strip() or f"exit status {result.exit_status}", raw=output)
+            return ServiceStatus(
+                running=False,
+                pid=None,
+                state=output.strip() or f"exit status {result.exit_status}",
+                raw=output,
+            )
         running = match.group("goal") == "start" and match.group("state") == "running"
         pid = int(match.group("pid")) if match.group("pid") else None
-        return ServiceStatus(running=running, pid=pid, state=f"{match.group('goal')}/{match.group('state')}", raw=output)
+        return ServiceStatus(
+            running=running, pid=pid, state=f"{match.group('goal')}/{match.group('state')}", raw=output
+        )
 
     # initctl start, stop and restart exit 1 when the job is unknown or already in the requested
     # state ("Job is already running", "Unknown instance"), and target.run raises CommandError.

@@ -20,7 +20,7 @@ _PID = re.compile(r"^\s*PID\s*:\s*(\d+)", re.MULTILINE)
 # Line of `sc.exe qc NAME`: BINARY_PATH_NAME : "C:\Program Files\Mesh Agent\MeshAgent.exe"
 _BINARY_PATH = re.compile(r"^\s*BINARY_PATH_NAME\s*:\s*(.+?)\s*$", re.MULTILINE)
 
-# Names of the default install: the installer's service name on Windows is "Mesh Agent".
+# Service name that the agent uses on Windows when none is configured (meshcore/agentcore.c).
 DEFAULT_SERVICE_NAME = "Mesh Agent"
 
 
@@ -32,7 +32,7 @@ def powershell(script: str) -> str:
     """
     if '"' in script:
         raise ValueError(f"PowerShell script for cmd.exe must not contain double quotes: {script!r}")
-    return f'powershell -NoProfile -NonInteractive -Command "$ErrorActionPreference = \'Stop\'; {script}"'
+    return f"powershell -NoProfile -NonInteractive -Command \"$ErrorActionPreference = 'Stop'; {script}\""
 
 
 def powershell_string(value: str) -> str:
@@ -55,13 +55,17 @@ class WindowsScm(ServiceManager):
         if result.exit_status == ERROR_SERVICE_DOES_NOT_EXIST:
             return ServiceStatus(running=False, pid=None, state=NOT_FOUND, raw=output)
         if not result.ok:
-            raise self.unsupported("status", f"sc.exe queryex exited with status {result.exit_status}: {output.strip()}")
+            raise self.unsupported(
+                "status", f"sc.exe queryex exited with status {result.exit_status}: {output.strip()}"
+            )
 
         state_match = _STATE.search(output)
         pid_match = _PID.search(output)
         state = state_match.group(2) if state_match else "UNKNOWN"
         pid = int(pid_match.group(1)) if pid_match else 0
-        return ServiceStatus(running=state == "RUNNING", pid=pid if pid > 0 else None, state=state, raw=output)
+        return ServiceStatus(
+            running=state == "RUNNING", pid=pid if pid > 0 else None, state=state, raw=output
+        )
 
     # Start-Service, Stop-Service and Restart-Service wait until the service reaches the new
     # state, unlike sc.exe start and stop, and PowerShell then exits 1 on failure.
@@ -101,11 +105,15 @@ class WindowsScm(ServiceManager):
         result = self._run(f"sc.exe qc {self._sc_name(name)}")
         match = _BINARY_PATH.search(result.output)
         if match is None:
-            raise self.unsupported("agent_executable", f"sc.exe qc printed no BINARY_PATH_NAME line for {name!r}")
+            raise self.unsupported(
+                "agent_executable", f"sc.exe qc printed no BINARY_PATH_NAME line for {name!r}"
+            )
         return _executable_from_command_line(match.group(1))
 
     def _process_images(self) -> list[tuple[int, str]]:
-        script = "Get-CimInstance Win32_Process | ForEach-Object { '{0} {1}' -f $_.ProcessId, $_.ExecutablePath }"
+        script = (
+            "Get-CimInstance Win32_Process | ForEach-Object { '{0} {1}' -f $_.ProcessId, $_.ExecutablePath }"
+        )
         return parse_ps_listing(self._run(powershell(script)).output)
 
     @staticmethod
@@ -115,7 +123,9 @@ class WindowsScm(ServiceManager):
 
     def _sc_name(self, name: str) -> str:
         if '"' in name:
-            raise self.unsupported("status", f"service name {name!r} contains a double quote, which cmd.exe cannot pass")
+            raise self.unsupported(
+                "status", f"service name {name!r} contains a double quote, which cmd.exe cannot pass"
+            )
         return f'"{name}"'
 
 

@@ -1,0 +1,318 @@
+"""Command-line interface: ``updatelab agents|run|serve|doctor|images|clean``.
+
+Options of MeshAgent's test/update-test.js map as follows: CycleCount is --cycles,
+MinimumDelay and MaximumDelay are --min-delay and --max-delay, AltBinary is --alt-binary,
+JS and RecoveryCore are --mode recovery with --recoverycore, and NoInstall is ``updatelab serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from lab import agents
+from lab.agentfile import AgentBinary, load_agent_binary
+from lab.display import Display, summary_table
+from lab.engine.cycles import CycleOptions, Fault, Mode, Timeouts
+from lab.engine.report import Report
+from lab.errors import ConfigError, LabError
+from lab.protocol.commands import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
+
+console = Console()
+
+
+def _block_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid block size {text!r}: expected a whole number of bytes") from None
+    if not MIN_BLOCK_SIZE <= value <= MAX_BLOCK_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"block size {value} is out of range: use {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE} bytes"
+        )
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is out of range 0..65535")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def _add_cycle_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("update cycles")
+    group.add_argument("--mode", default="native", help="native, recovery, or both comma-separated (default: native)")
+    group.add_argument("--cycles", type=_non_negative, default=3, help="update cycles per target and mode (default: 3)")
+    group.add_argument("--min-delay", type=_non_negative, default=0, help="minimum random delay before each update, in ms")
+    group.add_argument("--max-delay", type=_non_negative, default=0, help="maximum random delay before each update, in ms")
+    group.add_argument("--binary", help="agent binary to install first (default: meshagent_x86-64 of --agent-version)")
+    group.add_argument("--alt-binary", help="second binary: cycles alternate between --binary and this one")
+    group.add_argument("--agent-version", default=agents.DEFAULT_VERSION, help="meshcentral package version of the default binary")
+    group.add_argument("--block-size", type=_block_size, default=MAX_BLOCK_SIZE, help=f"update block size in bytes, {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE} (default: {MAX_BLOCK_SIZE})")
+    group.add_argument("--first-block-size", type=_block_size, help="size of the first block only (update-test.js uses 16384)")
+    group.add_argument("--compress", choices=("auto", "on", "off"), default="auto", help="zip the native update when the agent advertises capability 0x100 (default: auto)")
+    group.add_argument("--recoverycore", help="recovery core script (default: recoverycore.js of the fetched package)")
+    group.add_argument("--fault", choices=[fault.value for fault in Fault], help="inject a server-side fault into every cycle")
+    group.add_argument("--reconnect-timeout", type=float, default=90.0, help="seconds to wait for the agent to reconnect (default: 90)")
+    group.add_argument("--stall-timeout", type=float, default=30.0, help="seconds to wait for a block acknowledgement (default: 30)")
+    group.add_argument("--report-dir", type=Path, help="write report.json, junit.xml and evidence here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="updatelab", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for wire-level debug)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    agents_parser = commands.add_parser("agents", help="fetch and list the real MeshAgent binaries")
+    agents_commands = agents_parser.add_subparsers(dest="agents_command", required=True)
+    fetch = agents_commands.add_parser("fetch", help="download the meshcentral npm package and cache its agents")
+    fetch.add_argument("--version", default=agents.DEFAULT_VERSION, help=f"package version (default: {agents.DEFAULT_VERSION})")
+    listing = agents_commands.add_parser("list", help="list the cached agents of a version")
+    listing.add_argument("--version", default=agents.DEFAULT_VERSION)
+
+    run = commands.add_parser("run", help="provision targets, run update cycles, judge and report them")
+    run.add_argument("--provider", choices=("local", "docker"), default="local", help="where the agent runs (default: local)")
+    run.add_argument("--targets", default="debian12-systemd", help="comma-separated Docker targets (docker provider)")
+    run.add_argument("--port", type=_port, default=0, help="server port (default: a free port)")
+    run.add_argument("--keep", action="store_true", help="keep failed targets for inspection")
+    run.add_argument("--parallel", type=int, default=2, help="targets run at once (docker provider, default: 2)")
+    run.add_argument("--expectations", type=Path, help="expectations file for the docker matrix")
+    _add_cycle_options(run)
+
+    serve = commands.add_parser("serve", help="run only the server for an agent started by hand, and print its .msh")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind: loopback or a lab network gateway")
+    serve.add_argument("--port", type=_port, default=0)
+    _add_cycle_options(serve)
+
+    commands.add_parser("doctor", help="check every prerequisite and say how to fix what is missing")
+
+    images = commands.add_parser("images", help="build, list or remove target images")
+    images_commands = images.add_subparsers(dest="images_command", required=True)
+    build = images_commands.add_parser("build", help="build target images (cached)")
+    build.add_argument("targets", nargs="*", help="targets to build (default: every offline target)")
+    build.add_argument("--rebuild", action="store_true", help="rebuild even when the recipe is unchanged")
+    images_commands.add_parser("list", help="list targets and their images")
+    remove = images_commands.add_parser("rm", help="remove target images")
+    remove.add_argument("targets", nargs="+")
+
+    clean = commands.add_parser("clean", help="remove every container and network the lab created")
+    clean.add_argument("--run-id", help="only this run")
+    return parser
+
+
+# -- agents -------------------------------------------------------------------------------------
+
+
+def _print_package(package: agents.AgentPackage) -> None:
+    table = Table(title=f"meshcentral {package.version} agents in {package.path}")
+    for column in ("file", "arch id", "size", "agent hash"):
+        table.add_column(column)
+    for entry in package.entries():
+        table.add_row(entry.name, str(entry.architecture_id or "-"), f"{entry.size:,}", entry.agent_hash[:24] + "…")
+    console.print(table)
+
+
+def command_agents(args: argparse.Namespace) -> int:
+    if args.agents_command == "fetch":
+        with console.status(f"npm pack meshcentral@{args.version} …"):
+            package = agents.fetch_package(args.version)
+    else:
+        package = agents.require_package(args.version)
+    _print_package(package)
+    return 0
+
+
+# -- run and serve ------------------------------------------------------------------------------
+
+
+def _parse_modes(text: str) -> list[Mode]:
+    modes = []
+    for name in text.split(","):
+        try:
+            modes.append(Mode(name.strip()))
+        except ValueError:
+            raise ConfigError(f"invalid --mode {name!r}: use native, recovery or native,recovery") from None
+    return modes
+
+
+def load_binaries(args: argparse.Namespace) -> list[AgentBinary]:
+    if args.binary:
+        first = load_agent_binary(args.binary, option="--binary")
+    else:
+        package = agents.require_package(args.agent_version)
+        first = load_agent_binary(package.binary("meshagent_x86-64"), option="--binary")
+    binaries = [first]
+    if args.alt_binary:
+        binaries.append(load_agent_binary(args.alt_binary, option="--alt-binary"))
+    return binaries
+
+
+def load_recovery_core(args: argparse.Namespace) -> bytes:
+    if args.recoverycore:
+        path = Path(args.recoverycore)
+        if not path.is_file():
+            raise ConfigError(f"--recoverycore {path}: file not found")
+        return path.read_bytes()
+    return agents.require_package(args.agent_version).recovery_core.read_bytes()
+
+
+def cycle_options(args: argparse.Namespace, mode: Mode) -> CycleOptions:
+    if args.min_delay > args.max_delay and args.max_delay:
+        raise ConfigError(f"--min-delay {args.min_delay} is larger than --max-delay {args.max_delay}")
+    compress = {"auto": None, "on": True, "off": False}[args.compress]
+    return CycleOptions(
+        mode=mode,
+        count=args.cycles,
+        min_delay_ms=args.min_delay,
+        max_delay_ms=max(args.max_delay, args.min_delay),
+        block_size=args.block_size,
+        first_block_size=args.first_block_size,
+        compress=compress,
+        fault=Fault(args.fault) if args.fault else None,
+        recovery_core=load_recovery_core(args) if mode is Mode.RECOVERY else None,
+        timeouts=Timeouts(reconnect=args.reconnect_timeout, block_ack=args.stall_timeout),
+    )
+
+
+def _finish(report: Report, report_dir: Path | None) -> int:
+    console.print(summary_table(report))
+    if report_dir is not None:
+        for path in report.write(report_dir):
+            console.print(f"wrote {path}")
+    failed = report.failed_cycles
+    if not report.cycles:
+        console.print("[red]no cycle ran[/red]")
+        return 1
+    return 1 if failed else 0
+
+
+def command_run(args: argparse.Namespace) -> int:
+    modes = _parse_modes(args.mode)
+    binaries = load_binaries(args)
+    report = Report(settings={"provider": args.provider, "modes": [str(m) for m in modes], "cycles": args.cycles,
+                              "block_size": args.block_size, "binaries": [str(b.path) for b in binaries]})
+    if args.provider == "docker":
+        from lab.engine.docker_run import run_docker_matrix
+
+        return run_docker_matrix(args, modes, binaries, report, console)
+
+    from lab.engine.local_run import run_local
+
+    with Display(console) as display:
+        for mode in modes:
+            options = cycle_options(args, mode)
+            asyncio.run(run_local(binaries, options, report, port=args.port, keep=args.keep,
+                                  report_dir=args.report_dir, display=display))
+    return _finish(report, args.report_dir)
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    from lab.engine.serve import serve
+
+    modes = _parse_modes(args.mode)
+    binaries = load_binaries(args)
+    report = Report(settings={"provider": "serve"})
+    with Display(console) as display:
+        asyncio.run(serve(args.host, args.port, binaries, cycle_options(args, modes[0]), report, display, console))
+    return _finish(report, args.report_dir)
+
+
+# -- doctor, images, clean ----------------------------------------------------------------------
+
+
+def command_doctor(args: argparse.Namespace) -> int:
+    from lab.doctor import run_checks
+
+    table = Table(title="updatelab doctor")
+    for column in ("check", "status", "detail / fix"):
+        table.add_column(column)
+    failures = 0
+    for check in run_checks():
+        failures += not check.ok and check.required
+        status = "[green]ok[/green]" if check.ok else ("[red]missing[/red]" if check.required else "[yellow]optional[/yellow]")
+        table.add_row(check.name, status, check.detail)
+    console.print(table)
+    return 1 if failures else 0
+
+
+def command_images(args: argparse.Namespace) -> int:
+    from lab import images
+
+    if args.images_command == "list":
+        table = Table(title="updatelab images")
+        for column in ("target", "kind", "image", "status"):
+            table.add_column(column)
+        for row in images.list_images():
+            table.add_row(*(str(row.get(key, "")) for key in ("target", "kind", "image", "status")))
+        console.print(table)
+        return 0
+    if args.images_command == "rm":
+        for name in args.targets:
+            images.remove(name)
+            console.print(f"removed {name}")
+        return 0
+    names = args.targets or images.offline_targets()
+    for name in names:
+        with console.status(f"building {name} …") as status:
+            def progress(message: str, status=status, name=name) -> None:
+                status.update(f"building {name}: {message}")
+            image = images.build(name, progress=progress, rebuild=args.rebuild)
+        console.print(f"{name}: {image}")
+    return 0
+
+
+def command_clean(args: argparse.Namespace) -> int:
+    from lab.providers import docker as docker_provider
+
+    removed = docker_provider.clean(args.run_id)
+    console.print(f"removed {len(removed)} labelled containers and networks" + (": " + ", ".join(removed) if removed else ""))
+    return 0
+
+
+COMMANDS = {
+    "agents": command_agents,
+    "run": command_run,
+    "serve": command_serve,
+    "doctor": command_doctor,
+    "images": command_images,
+    "clean": command_clean,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except LabError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; targets and temporary files were removed[/yellow]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
