@@ -7,7 +7,7 @@
 # (default /var/log/updatelab-dockerd.log).
 #
 # Environment:
-#   UPDATELAB_DOCKERD_WAIT  seconds to wait for a started dockerd to answer (default 60)
+#   UPDATELAB_DOCKERD_WAIT  seconds to wait for a started dockerd to respond (default 60)
 #   UPDATELAB_DOCKERD_LOG   log file of a dockerd started by this script
 set -eu
 
@@ -59,7 +59,7 @@ fi
 # `docker info` fails: either dockerd is not running, or this user may not use its socket.
 if pgrep -x dockerd >/dev/null 2>&1; then
     if [ "$(id -u)" -ne 0 ] && ! as_root docker info >/dev/null 2>&1; then
-        fail "dockerd is running but does not answer 'docker info'; see its log"
+        fail "dockerd is running but does not respond to 'docker info'; see its log"
     fi
     if [ "$(id -u)" -ne 0 ]; then
         fail "dockerd is running but user $(id -un) may not use /var/run/docker.sock; add the user to the 'docker' group or run the lab as root"
@@ -77,7 +77,7 @@ until docker info >/dev/null 2>&1; do
     if [ "$elapsed" -ge "$wait_seconds" ]; then
         echo "ensure-docker: last lines of $dockerd_log:" >&2
         tail -n 20 "$dockerd_log" >&2 2>/dev/null || true
-        fail "dockerd did not answer 'docker info' within $wait_seconds s; read $dockerd_log"
+        fail "dockerd did not respond to 'docker info' within $wait_seconds s; read $dockerd_log"
     fi
     sleep 1
     elapsed=$((elapsed + 1))

@@ -25,7 +25,8 @@ from lab.engine.report import Report
 from lab.errors import ConfigError, LabError
 from lab.protocol.commands import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 
-console = Console()
+# Wide enough for the summary table when the output goes to a file or a CI log.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _block_size(text: str) -> int:

@@ -35,7 +35,7 @@ class Display:
     """Renders run progress with rich; quiet when stdout is not a terminal except for lines."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=False)
+        self.console = console or Console()
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -76,7 +76,8 @@ def summary_table(report: Report) -> Table:
     for column in ("target", "cycle", "mode", "expected", "reported", "seconds", "verdict"):
         table.add_column(column)
     for cycle in report.cycles:
-        verdict = "[green]passed[/green]" if cycle.passed else f"[red]failed[/red]: {cycle.reason}"
+        reason = cycle.reason if len(cycle.reason) <= 90 else cycle.reason[:89] + "…"
+        verdict = "[green]passed[/green]" if cycle.passed else f"[red]failed[/red]: {reason}"
         table.add_row(
             cycle.target,
             str(cycle.index),

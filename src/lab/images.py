@@ -302,11 +302,11 @@ def build(
     report = _progress_reporter(name, progress)
     recipe = load_recipe(name)
     client = client or _connect()
-    wanted_hash = recipe_hash(name)
+    expected_hash = recipe_hash(name)
 
     existing = _find_image(client, recipe.tag)
     if not rebuild:
-        if existing is not None and existing.labels.get(LABEL_RECIPE_HASH) == wanted_hash:
+        if existing is not None and existing.labels.get(LABEL_RECIPE_HASH) == expected_hash:
             report("done", f"reusing {recipe.tag} (recipe unchanged)")
             return BuildResult(name, recipe.tag, existing.id, True, time.monotonic() - started)
 
@@ -320,12 +320,12 @@ def build(
     if recipe.kind == "debootstrap":
         base_tag = _ensure_base_image(client, recipe, rebuild=rebuild, report=report)
         build_args["BASE"] = base_tag
-        # The base image already holds every package, so the final layer needs no network.
+        # The base image already contains every package, so the final layer needs no network.
         network_mode = "none"
     else:
         network_mode = None
 
-    image_id = _docker_build(client, recipe, wanted_hash, build_args, network_mode, rebuild, report)
+    image_id = _docker_build(client, recipe, expected_hash, build_args, network_mode, rebuild, report)
     _remove_superseded_images(client, recipe, keep={image_id, build_args.get("BASE", "")}, previous=existing)
     seconds = time.monotonic() - started
     report("done", f"built {recipe.tag} in {seconds:.0f} s")
@@ -639,7 +639,7 @@ def _debootstrap(recipe: Recipe, mirror: str, tarball: Path, report: Callable[[s
 
 def _apt_install_in_chroot(recipe: Recipe, root: Path, deb_cache: Path, report: Callable[[str, str], None]) -> None:
     """Install `recipe.apt_packages` with apt-get inside the debootstrapped `root`."""
-    # policy-rc.d exit status 101 tells maintainer scripts not to start services in the chroot.
+    # policy-rc.d exiting with status 101 makes maintainer scripts skip starting services in the chroot.
     policy = root / "usr/sbin/policy-rc.d"
     policy.write_text("#!/bin/sh\nexit 101\n")
     policy.chmod(0o755)
@@ -688,14 +688,14 @@ def _run_streaming(command: list[str], on_line: Callable[[str], None]) -> _Comma
 def _docker_build(
     client: docker.DockerClient,
     recipe: Recipe,
-    wanted_hash: str,
+    expected_hash: str,
     build_args: dict[str, str],
     network_mode: str | None,
     rebuild: bool,
     report: Callable[[str, str], None],
 ) -> str:
     """Run ``docker build`` on the recipe folder and return the new image id."""
-    labels = {LABEL_TARGET: recipe.name, LABEL_RECIPE_HASH: wanted_hash}
+    labels = {LABEL_TARGET: recipe.name, LABEL_RECIPE_HASH: expected_hash}
     log: list[str] = []
     step = "build"
     image_id = None

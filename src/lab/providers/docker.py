@@ -8,8 +8,8 @@ crashed run left behind.
 
 Containers run without ``--privileged``. Which capabilities and mounts an init system needs
 is kept in `INIT_PROFILES`. For systemd the container gets a private cgroup namespace and an
-empty tmpfs on /sys/fs/cgroup; systemd then mounts its own cgroup hierarchies, rooted at the
-container's cgroup, and never writes into the host's.
+empty tmpfs on /sys/fs/cgroup. systemd then mounts its own cgroup hierarchies, rooted at the
+container's cgroup, so it does not write into the host's cgroup root.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class InitProfile:
     cap_add: tuple[str, ...]
     #: Mount points that get an empty tmpfs (path -> mount options).
     tmpfs: dict[str, str]
-    #: Use a private cgroup namespace, so the container sees its own cgroup as the root.
+    #: Use a private cgroup namespace, so /proc/self/cgroup in the container shows its own cgroup as the root.
     private_cgroupns: bool
     #: Shell command that exits 0 once the init system finished booting.
     ready_command: str
@@ -118,7 +118,7 @@ INIT_PROFILES: dict[str, InitProfile] = {
 def connect(timeout: float = 60.0) -> docker.DockerClient:
     """Return a Docker SDK client for the engine in the environment (DOCKER_HOST or the local socket).
 
-    Raises PrerequisiteError, with the command that starts Docker, when the engine does not answer.
+    Raises PrerequisiteError, with the command that starts Docker, when the engine does not respond.
     """
     try:
         client = docker.from_env(timeout=int(timeout))
@@ -175,7 +175,7 @@ class DockerTarget(Target):
         """
         seconds = max(1, int(timeout))
         quoted = shlex.quote(command)
-        # coreutils `timeout -k` sends TERM, then KILL 5 s later, and exits 124 either way.
+        # coreutils `timeout -k` sends TERM at the deadline and KILL 5 s later.
         wrapped = (
             f"if timeout -k 1 1 true 2>/dev/null; then exec timeout -k 5 {seconds} /bin/sh -c {quoted}; "
             f"else exec /bin/sh -c {quoted}; fi"
@@ -187,11 +187,13 @@ class DockerTarget(Target):
         except docker.errors.APIError as error:
             raise ProviderError(f"{self.name}: cannot run {command!r}: {error.explanation or error}") from error
 
+        started = time.monotonic()
         output, timed_out = _read_exec_output(api, exec_id, raw, deadline=time.monotonic() + seconds + 10)
         state = api.exec_inspect(exec_id)
         text = output.decode("utf-8", errors="replace")
         exit_status = state.get("ExitCode")
-        if timed_out or state.get("Running") or exit_status == 124:
+        killed_at_deadline = exit_status == 137 and time.monotonic() - started >= seconds
+        if timed_out or state.get("Running") or exit_status == 124 or killed_at_deadline:
             # NOTE: a command that itself exits 124 is reported as timed out too.
             return ExecResult(command, 124, text + f"\n(updatelab: command timed out after {seconds} s)")
         return ExecResult(command, int(exit_status if exit_status is not None else -1), text)
@@ -390,9 +392,7 @@ def clean(run_id: str | None = None, *, client: docker.DockerClient | None = Non
     Calling it again, or when nothing is left, returns an empty list.
     """
     client = client or connect()
-    # Containers inherit image labels, so `updatelab.target` alone does not mark a lab
-    # container; every container and network this provider creates has `updatelab.run`.
-    selector = f"{LABEL_RUN}={run_id}" if run_id is not None else LABEL_RUN
+    selector = run_label_filter(run_id)
     removed = []
     for container in client.containers.list(all=True, filters={"label": selector}):
         if _remove_container(client, container.id):
@@ -408,6 +408,13 @@ def clean(run_id: str | None = None, *, client: docker.DockerClient | None = Non
     if removed:
         log.info("removed %s", ", ".join(removed))
     return removed
+
+
+def run_label_filter(run_id: str | None) -> str:
+    """Return the Docker label filter that `clean` uses for `run_id` (None: every run)."""
+    # Containers inherit image labels, so `updatelab.target` alone does not mark a lab
+    # container; every container and network this provider creates has `updatelab.run`.
+    return f"{LABEL_RUN}={run_id}" if run_id is not None else LABEL_RUN
 
 
 def _remove_container(client: docker.DockerClient, name_or_id: str) -> bool:
