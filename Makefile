@@ -1,0 +1,39 @@
+# updatelab: common commands. Run `make setup` once on a new machine (as root).
+PYTHON ?= python3
+PYTEST ?= $(PYTHON) -m pytest
+LAB ?= $(PYTHON) -m lab
+LINUX_TARGETS ?= debian12-systemd,debian13-systemd,debian12-sysvinit,debian12-i386-systemd,debian12-openrc,debian12-runit
+CYCLES ?= 3
+REPORT_DIR ?= runs/lab-linux
+
+.PHONY: setup test test-fast lab-linux images bench clean
+
+setup:
+	sh scripts/setup.sh
+
+# Every test: unit, fuzz, the real agent on this host, and container runs (skipped only where
+# Docker cannot run).
+test:
+	$(PYTEST) -q -rs
+
+# Tests that need neither Docker nor the real agent.
+test-fast:
+	$(PYTEST) -q -m "not agent and not docker"
+
+images:
+	$(LAB) images build
+
+# The offline Linux matrix in both modes; exits 0 exactly when every outcome matches
+# expectations.toml.
+lab-linux:
+	$(LAB) agents fetch >/dev/null
+	$(LAB) agents fetch --version 0.7.99 >/dev/null
+	$(LAB) images build
+	$(LAB) run --provider docker --targets $(LINUX_TARGETS) --mode native,recovery \
+		--cycles $(CYCLES) --expectations expectations.toml --report-dir $(REPORT_DIR)
+
+bench:
+	$(PYTHON) bench/bench_native.py
+
+clean:
+	$(LAB) clean
