@@ -75,7 +75,7 @@ def _add_cycle_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compress", choices=("auto", "on", "off"), default="auto", help="zip the native update when the agent advertises capability 0x100 (default: auto)")
     group.add_argument("--recoverycore", help="recovery core script (default: recoverycore.js of the fetched package)")
     group.add_argument("--fault", choices=[fault.value for fault in Fault], help="inject a server-side fault into every cycle")
-    group.add_argument("--reconnect-timeout", type=float, default=90.0, help="seconds to wait for the agent to reconnect (default: 90)")
+    group.add_argument("--reconnect-timeout", type=float, default=45.0, help="seconds to wait for the agent to reconnect (default: 45)")
     group.add_argument("--stall-timeout", type=float, default=30.0, help="seconds to wait for a block acknowledgement (default: 30)")
     group.add_argument("--report-dir", type=Path, help="write report.json, junit.xml and evidence here")
 

@@ -64,7 +64,7 @@ class Reason(enum.StrEnum):
 
 
 class Outcome(enum.StrEnum):
-    """What a cycle is expected to end with."""
+    """Expected end state of a cycle."""
 
     UPDATED = "updated"
     REJECTED = "rejected"  # the agent keeps its old binary, e.g. after a wrong final hash
@@ -302,7 +302,7 @@ class AgentDriver:
         if self.probe is not None:
             try:
                 result.evidence = await asyncio.to_thread(self.probe.collect_evidence, result.index)
-            except Exception as error:  # evidence is best effort; the verdict stands
+            except Exception as error:  # evidence is best effort, and the verdict is kept
                 logger.warning("%s: collecting evidence of cycle %d failed: %s", self.target, result.index, error)
 
     async def _delay(self) -> None:
@@ -361,7 +361,7 @@ class AgentDriver:
         timeouts = self.options.timeouts
         closed = await connection.wait_closed(timeouts.rejection if outcome is Outcome.REJECTED else timeouts.restart)
         if not closed:
-            # An agent that rejects the hash stays connected and says nothing; ask it which binary it runs.
+            # An agent that rejects the hash stays connected and sends nothing, so request its agent hash.
             current = await self._request_hash(connection)
             self._reported_hash = current
             if outcome is Outcome.REJECTED:

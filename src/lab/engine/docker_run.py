@@ -250,7 +250,11 @@ async def _run_entry(
 def _options(args: argparse.Namespace, mode: Mode) -> CycleOptions:
     from lab.cli import cycle_options
 
-    return cycle_options(args, mode)
+    options = cycle_options(args, mode)
+    # A service that runs starts the agent within a few seconds; waiting longer only delays
+    # the verdict on targets where the installer left no agent running.
+    options.timeouts.connect = min(options.timeouts.connect, 30.0)
+    return options
 
 
 async def _run_matrix(entries: list[MatrixEntry], args: argparse.Namespace, explicit: list[AgentBinary],

@@ -162,7 +162,9 @@ def _require_length(name: str, data: bytes, expected: int) -> None:
 def _parse_json(data: bytes) -> JsonMessage:
     try:
         value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:
+        # ValueError covers invalid UTF-8, invalid JSON and integers longer than Python's
+        # 4300-digit conversion limit; RecursionError covers deeply nested arrays or objects.
         raise PeerProtocolError(f"invalid JSON message of {len(data)} bytes: {error}") from None
     if not isinstance(value, dict):
         raise PeerProtocolError(f"JSON message is a {type(value).__name__}, expected an object")

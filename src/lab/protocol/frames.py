@@ -147,14 +147,16 @@ class FrameReader:
                 return False
             mask = bytes(buffer[offset : offset + 4])
             offset += 4
-        else:
-            self.unmasked_frames += 1
         if len(buffer) < offset + length:
             return False
         payload = bytes(buffer[offset : offset + length])
         del buffer[: offset + length]
         if masked:
             payload = _unmask(payload, mask)
+        else:
+            # Counted only once the frame is complete, so a frame that arrives in pieces
+            # counts once.
+            self.unmasked_frames += 1
         self._handle_frame(opcode, fin, payload)
         return True
 

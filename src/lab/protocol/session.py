@@ -7,7 +7,7 @@ reassembles fragmented messages only up to 65535 bytes.
 
 Handshake rules enforced here (MeshAgent meshcore/agentcore.c, MeshCentral meshagent.js):
 
-* the server answers the agent's AuthRequest with its own, echoing the agent's TLS hash;
+* the server replies to the agent's AuthRequest with its own, echoing the agent's TLS hash;
 * it sends AuthVerify only when the agent did not open with AuthConfirm, which means the agent
   already trusts the server's TLS certificate;
 * AuthRequest, AuthVerify and AuthInfo are each accepted once per connection;
@@ -92,8 +92,8 @@ class NativeUpdate:
     """What to send in one native update and how to pace it.
 
     `payload` is sent in blocks and `final_hash` closes the transfer. Normally the payload is
-    the new binary and the hash is its agent hash; with `compressed`, the payload is the zip of
-    the binary and the hash is that of the zip. Fault injection passes other values on purpose.
+    the new binary and the hash is its agent hash. With `compressed`, the payload is the zip of
+    the binary and the hash is the SHA-384 of the zip. Fault injection passes other values on purpose.
     `block_filter` can rewrite each block before it is sent, given its index and data.
     """
 

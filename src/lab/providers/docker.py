@@ -446,10 +446,10 @@ def _create_run_network(client: docker.DockerClient, name: str, run_id: str, lab
     """Create an internal bridge network on the first free subnet of SUBNET_POOL."""
     subnets = list(SUBNET_POOL.subnets(new_prefix=SUBNET_PREFIX))
     start = int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:2], "big") % len(subnets)
-    taken = _subnets_in_use(client)
+    subnets_in_use = _subnets_in_use(client)
     for offset in range(len(subnets)):
         subnet = subnets[(start + offset) % len(subnets)]
-        if any(subnet.overlaps(used) for used in taken):
+        if any(subnet.overlaps(used) for used in subnets_in_use):
             continue
         gateway = str(next(subnet.hosts()))
         ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=str(subnet), gateway=gateway)])
@@ -459,7 +459,7 @@ def _create_run_network(client: docker.DockerClient, name: str, run_id: str, lab
             )
         except docker.errors.APIError as error:
             if "overlap" in str(error).lower():
-                continue  # another run took this subnet since `taken` was read
+                continue  # another run took this subnet after `subnets_in_use` was read
             raise ProviderError(f"cannot create network {name} on {subnet}: {error.explanation or error}") from error
         log.info("created internal network %s on %s, gateway %s", name, subnet, gateway)
         return RunNetwork(name, network.id, str(subnet), gateway)

@@ -2,8 +2,8 @@
 
 This is the asyncio shell around `lab.protocol.session.AgentSession`. It accepts TLS
 connections, routes ``GET <agent path>`` websocket upgrades to one task per agent, serves
-``GET /update/<token>`` downloads for the recovery core from the same certificate, and hands
-each authenticated agent connection to whoever waits for its MeshID.
+``GET /update/<token>`` downloads for the recovery core from the same certificate, and passes
+each authenticated agent connection to the caller waiting for its MeshID.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ class TimedEvent:
 class Download:
     """A file that the recovery core downloads from ``/update/<token>``.
 
-    `status` other than 200 answers with that HTTP status instead of the data, and
-    `bytes_per_second` throttles the body; both exist for fault injection.
+    A `status` other than 200 is sent instead of the data, and `bytes_per_second` throttles
+    the body. Both exist for fault injection.
     """
 
     data: bytes
@@ -242,7 +242,7 @@ class LabServer:
             return
         download.requests += 1
         if download.status != 200:
-            logger.info("%s: download %s answered with HTTP %d on purpose", peer, token, download.status)
+            logger.info("%s: download %s: responded with HTTP %d as configured", peer, token, download.status)
             await _send_http(parser, writer, download.status, b"error injected by updatelab\n")
             return
 
