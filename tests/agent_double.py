@@ -62,9 +62,13 @@ class NodeIdentity:
         return key_hash(self.key.public_key())
 
 
-@functools.cache
 def node_identity(index: int = 0) -> NodeIdentity:
     """Return a cached node identity; distinct indexes give distinct keys."""
+    return _cached_node_identity(index)
+
+
+@functools.cache
+def _cached_node_identity(index: int) -> NodeIdentity:
     key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "MeshNodeCertificate")])
     now = datetime.datetime.now(datetime.timezone.utc)

@@ -226,12 +226,13 @@ class AgentDriver:
     async def run(self) -> list[CycleResult]:
         """Run every cycle and return the results; a failed cycle ends the run."""
         results: list[CycleResult] = []
+        started = time.monotonic()
         try:
             connection = await self._wait_connection(self.options.timeouts.connect)
             self._reported_hash = await self._request_hash(connection)
         except (TimeoutError, CycleFailure) as error:
             reason = error.reason if isinstance(error, CycleFailure) else Reason.NO_CONNECTION
-            result = self._result(0, self.binary_for_cycle(0), time.monotonic(), None, FAILED, str(reason))
+            result = self._result(0, self.binary_for_cycle(0), started, None, FAILED, str(reason))
             self.report.cycles.append(result)
             self._record("verdict", f"failed: {reason}")
             return [result]

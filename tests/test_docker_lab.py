@@ -1,0 +1,194 @@
+"""The Linux matrix end to end: real agent, real init systems, in containers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lab.engine.expectations import Expectations, judge_matrix
+from lab.engine.report import FAILED, PASSED, CycleResult, Report
+from lab.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _docker_available() -> str | None:
+    try:
+        from lab.providers.docker import connect
+
+        connect(timeout=10)
+    except Exception as error:  # any failure means the container tests cannot run here
+        return str(error)
+    return None
+
+
+_DOCKER_PROBLEM = _docker_available()
+needs_docker = pytest.mark.skipif(_DOCKER_PROBLEM is not None, reason=f"Docker cannot run here: {_DOCKER_PROBLEM}")
+
+
+def _labelled_objects() -> list[str]:
+    from lab.providers.docker import connect
+
+    client = connect()
+    names = [c.name for c in client.containers.list(all=True, filters={"label": "updatelab.run"})]
+    names += [n.name for n in client.networks.list(filters={"label": "updatelab.run"})]
+    return names
+
+
+def _run_cli(*arguments: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lab", *arguments], capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False
+    )
+
+
+# -- expectations, no Docker needed ---------------------------------------------------------------
+
+
+def _write_expectations(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "expectations.toml"
+    path.write_text(text)
+    return path
+
+
+def _report_with(label: str, verdict: str, reason: str = "") -> Report:
+    report = Report()
+    report.cycles.append(CycleResult(label, 0, "native", "aa", "aa", 1.0, verdict, reason))
+    return report
+
+
+def test_expectations_known_failure_matches(tmp_path: Path) -> None:
+    path = _write_expectations(
+        tmp_path, '[[known_failure]]\ntarget = "t"\nmode = "native"\nreason = "no reconnect"\nevidence = "log"\n'
+    )
+    verdict = judge_matrix(_report_with("t/native", FAILED, "no reconnect: within 45 s"), Expectations.load(path), ["t/native"])
+    assert verdict["ok"]
+
+
+def test_expectations_unexpected_pass_is_mismatch(tmp_path: Path) -> None:
+    path = _write_expectations(
+        tmp_path, '[[known_failure]]\ntarget = "t"\nmode = "native"\nreason = "no reconnect"\nevidence = "log"\n'
+    )
+    verdict = judge_matrix(_report_with("t/native", PASSED), Expectations.load(path), ["t/native"])
+    assert not verdict["ok"]
+    assert "unexpected pass" in verdict["lines"][0]
+
+
+def test_expectations_unlisted_failure_is_mismatch(tmp_path: Path) -> None:
+    verdict = judge_matrix(_report_with("t/native", FAILED, "wrong hash"), Expectations({}), ["t/native"])
+    assert not verdict["ok"]
+
+
+def test_expectations_other_reason_is_mismatch(tmp_path: Path) -> None:
+    path = _write_expectations(
+        tmp_path, '[[known_failure]]\ntarget = "t"\nmode = "native"\nreason = "no reconnect"\nevidence = "log"\n'
+    )
+    verdict = judge_matrix(_report_with("t/native", FAILED, "wrong hash"), Expectations.load(path), ["t/native"])
+    assert not verdict["ok"]
+
+
+def test_expectations_missing_field_names_it(tmp_path: Path) -> None:
+    path = _write_expectations(tmp_path, '[[known_failure]]\ntarget = "t"\nmode = "native"\n')
+    with pytest.raises(ConfigError, match="missing evidence, reason"):
+        Expectations.load(path)
+
+
+def test_expectations_bad_mode_names_allowed(tmp_path: Path) -> None:
+    path = _write_expectations(
+        tmp_path, '[[known_failure]]\ntarget = "t"\nmode = "fast"\nreason = "x"\nevidence = "y"\n'
+    )
+    with pytest.raises(ConfigError, match="use native or recovery"):
+        Expectations.load(path)
+
+
+def test_repository_expectations_load() -> None:
+    expectations = Expectations.load(REPO / "expectations.toml")
+    assert "debian12-sysvinit/native" in expectations.failures
+
+
+def test_unknown_target_lists_known() -> None:
+    result = _run_cli("run", "--provider", "docker", "--targets", "nosuch-target", "--cycles", "1")
+    assert result.returncode == 2
+    assert "unknown target nosuch-target" in result.stdout
+    assert "debian12-systemd" in result.stdout
+
+
+# -- container runs -----------------------------------------------------------------------------
+
+
+@needs_docker
+@pytest.mark.docker
+@pytest.mark.agent
+def test_systemd_native_and_recovery(tmp_path: Path, agent_packages) -> None:
+    result = _run_cli(
+        "run", "--provider", "docker", "--targets", "debian12-systemd", "--mode", "native,recovery",
+        "--cycles", "2", "--report-dir", str(tmp_path),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    verdicts = {(c["target"], c["index"]): c["verdict"] for c in report["cycles"]}
+    assert verdicts == {
+        ("debian12-systemd/native", 0): "passed",
+        ("debian12-systemd/native", 1): "passed",
+        ("debian12-systemd/recovery", 0): "passed",
+        ("debian12-systemd/recovery", 1): "passed",
+    }
+    native = [c for c in report["cycles"] if c["target"] == "debian12-systemd/native"]
+    assert native[0]["checks"]["pid-changed"]["ok"]
+    assert native[0]["checks"]["service-running"]["ok"]
+    assert native[0]["checks"]["no-update-file"]["ok"]
+    recovery = [c for c in report["cycles"] if c["target"] == "debian12-systemd/recovery"]
+    assert recovery[0]["checks"]["pid-kept"]["ok"]
+    kinds = [entry["kind"] for entry in report["timeline"] if entry["target"] == "debian12-systemd/recovery"]
+    assert "downloaded" in kinds
+    evidence = tmp_path / "debian12-systemd" / "native"
+    assert (evidence / "usr_local_mesh_services_labagent_meshagent.log").is_file()
+    assert (evidence / "lib_systemd_system_labagent.service").is_file()
+    assert _labelled_objects() == []
+
+
+@needs_docker
+@pytest.mark.docker
+@pytest.mark.agent
+def test_sysvinit_known_failure_matches(tmp_path: Path, agent_packages) -> None:
+    result = _run_cli(
+        "run", "--provider", "docker", "--targets", "debian12-sysvinit", "--mode", "native",
+        "--cycles", "1", "--reconnect-timeout", "20", "--expectations", str(REPO / "expectations.toml"),
+        "--report-dir", str(tmp_path),
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["cycles"][0]["verdict"] == "failed"
+    assert "no reconnect" in report["cycles"][0]["reason"]
+    log = (tmp_path / "debian12-sysvinit" / "native" / "usr_local_mesh_services_labagent_meshagent.log").read_text()
+    assert "Calling Service restart (INITD)" in log
+    assert _labelled_objects() == []
+
+
+@needs_docker
+@pytest.mark.docker
+@pytest.mark.agent
+def test_sigkill_then_clean_leaves_nothing(tmp_path: Path, agent_packages) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lab", "run", "--provider", "docker", "--targets", "debian12-systemd",
+         "--cycles", "20", "--report-dir", str(tmp_path)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 180
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "connected" in line or time.monotonic() > deadline:
+            break
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(30)
+    assert _labelled_objects() != []
+
+    result = _run_cli("clean")
+    assert result.returncode == 0
+    assert _labelled_objects() == []
