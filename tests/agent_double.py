@@ -2,9 +2,9 @@
 
 AgentDouble is a state machine with no I/O: `opening_messages` returns what the agent sends
 right after the websocket upgrade, and `receive` takes one server message and returns the
-replies. It follows the rules of the 2022 agent (MeshAgent meshcore/agentcore.c): before both
-authentication steps complete it handles only ids 1, 2 and 4; update blocks are appended and
-acknowledged; the final AgentUpdate compares the hash of the appended bytes.
+replies. It follows the rules of the 2022 agent (MeshAgent meshcore/agentcore.c). Before both
+authentication steps complete, it handles only ids 1, 2 and 4. It appends and acknowledges
+update blocks, and the final AgentUpdate compares the hash of the appended bytes.
 
 InMemoryLink connects a double to an AgentSession without sockets, and AgentClient runs a
 double over TLS and a real websocket against a LabServer on the loopback address.
@@ -19,6 +19,7 @@ import datetime
 import functools
 import hashlib
 import io
+import json
 import os
 import ssl
 import struct
@@ -42,7 +43,7 @@ COMMIT_DATE = b"2022-Nov-2 23:01:45-0700\0"
 HOST_INFO = b"Debian GNU/Linux 12 (bookworm) - x64"
 #: Capabilities the 2022 agent always reports: CONSOLE, JAVASCRIPT and COMPRESSION.
 DEFAULT_CAPABILITIES = 0x118
-#: Largest frame payload that the agent sends; longer messages go out as continuation frames.
+#: Largest frame payload that the agent sends. Longer messages go out as continuation frames.
 AGENT_FRAME_SIZE = 4096
 
 
@@ -63,7 +64,7 @@ class NodeIdentity:
 
 
 def node_identity(index: int = 0) -> NodeIdentity:
-    """Return a cached node identity; distinct indexes give distinct keys."""
+    """Return a cached node identity. Distinct indexes give distinct keys."""
     return _cached_node_identity(index)
 
 
@@ -136,7 +137,7 @@ class AgentDouble:
     update_blocks: int = dataclasses.field(default=0, init=False)
     #: None until the final AgentUpdate arrives, then whether its hash matched the file.
     update_verified: bool | None = dataclasses.field(default=None, init=False)
-    #: The new binary after a verified update, unzipped if it came as a zip; None if unzipping failed.
+    #: The new binary after a verified update, unzipped if it came as a zip. None if unzipping failed.
     installed_binary: bytes | None = dataclasses.field(default=None, init=False)
     stalled: bool = dataclasses.field(default=False, init=False)
     core: bytes | None = dataclasses.field(default=None, init=False)
@@ -319,8 +320,6 @@ class AgentDouble:
 
 
 def _json_object(message: bytes) -> dict[str, Any]:
-    import json
-
     value = json.loads(message)
     assert isinstance(value, dict)
     return value
@@ -337,8 +336,6 @@ def _unzip_single(data: bytes) -> bytes | None:
 
 def json_message(value: dict[str, Any]) -> bytes:
     """Encode a JSON command as the agent's core sends it."""
-    import json
-
     return json.dumps(value).encode()
 
 
@@ -364,7 +361,7 @@ class InMemoryLink:
         return new_events
 
     def pump(self, max_rounds: int = 10_000) -> list[Any]:
-        """Exchange messages until both sides are quiet; return the session events of the exchange.
+        """Exchange messages until both sides are quiet, and return the session events of the exchange.
 
         Raises RuntimeError if the two sides are still talking after `max_rounds` rounds.
         """
@@ -379,7 +376,7 @@ class InMemoryLink:
         raise RuntimeError(f"session and agent double still exchanging messages after {max_rounds} rounds")
 
     def connect(self) -> list[Any]:
-        """Send the agent's opening messages and run the handshake; return its events."""
+        """Send the agent's opening messages, run the handshake and return its events."""
         events = self.send_to_server(self.agent.opening_messages())
         return events + self.pump()
 
@@ -415,7 +412,7 @@ def client_frame(
     rsv: int = 0,
     length_form: str | None = None,
 ) -> bytes:
-    """Encode one client frame; `mask=None` leaves it unmasked as the 2021 agent does.
+    """Encode one client frame. `mask=None` leaves it unmasked, as the 2021 agent does.
 
     `length_form` forces the 7-bit, 16-bit or 64-bit length encoding ("7", "16" or "64");
     by default the shortest one is used.
@@ -423,7 +420,14 @@ def client_frame(
     first = (0x80 if fin else 0) | (rsv & 0x70) | opcode
     mask_bit = 0x80 if mask is not None else 0
     length = len(payload)
-    form = length_form or ("7" if length < 126 else "16" if length < 1 << 16 else "64")
+    if length_form is not None:
+        form = length_form
+    elif length < 126:
+        form = "7"
+    elif length < 1 << 16:
+        form = "16"
+    else:
+        form = "64"
     if form == "7":
         header = struct.pack(">BB", first, mask_bit | length)
     elif form == "16":
@@ -441,7 +445,12 @@ def agent_frames(message: bytes, *, text: bool = False, mask: bytes | None = b"\
     chunks = [message[i : i + AGENT_FRAME_SIZE] for i in range(0, len(message), AGENT_FRAME_SIZE)] or [b""]
     encoded = []
     for index, chunk in enumerate(chunks):
-        opcode = (0x1 if text else 0x2) if index == 0 else 0x0
+        if index > 0:
+            opcode = 0x0
+        elif text:
+            opcode = 0x1
+        else:
+            opcode = 0x2
         encoded.append(client_frame(opcode, chunk, fin=index == len(chunks) - 1, mask=mask))
     return b"".join(encoded)
 
@@ -451,7 +460,7 @@ def agent_frames(message: bytes, *, text: bool = False, mask: bytes | None = b"\
 
 
 class ClientError(Exception):
-    """The server answered the client double in a way it did not expect."""
+    """The server sent the client double a response that it did not expect."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -539,7 +548,7 @@ class AgentClient:
     # -- receiving -----------------------------------------------------------------------------
 
     async def receive_frame(self, timeout: float) -> ServerFrame:
-        """Read one server frame; server frames are never masked or fragmented."""
+        """Read one server frame, raising ClientError if it is masked or fragmented."""
         first, second = await asyncio.wait_for(self.reader.readexactly(2), timeout)
         if second & 0x80:
             raise ClientError("the server sent a masked frame")
@@ -556,7 +565,7 @@ class AgentClient:
         return frame
 
     async def serve_until(self, condition: Callable[[], bool], timeout: float = 10, max_frames: int = 10_000) -> None:
-        """Answer server messages with the double until `condition()` holds.
+        """Pass server messages to the double and send its replies until `condition()` holds.
 
         Raises TimeoutError after `timeout` seconds and ClientError when the server closes.
         """
@@ -577,7 +586,7 @@ class AgentClient:
         raise ClientError(f"condition not reached after {max_frames} frames")
 
     async def handshake(self, timeout: float = 10) -> None:
-        """Send the opening messages and answer the server until the agent is authenticated."""
+        """Send the opening messages and reply to the server until the agent is authenticated."""
         await self.send_messages(self.agent.opening_messages())
         await self.serve_until(lambda: self.agent.authenticated, timeout)
 

@@ -118,7 +118,7 @@ def test_several_messages_in_one_read():
 
 
 @pytest.mark.parametrize("split", [1, 2, 3, 5, 7, 100])
-def test_split_at_every_point(split):
+def test_split_into_chunks(split):
     data = client_frame(BINARY, b"x" * 200) + client_frame(BINARY, b"y" * 70_000)
     reader = FrameReader(1 << 20)
     for index in range(0, len(data), split):
@@ -141,7 +141,7 @@ def test_length_64_bit():
 
 
 def test_length_64_bit_for_short_payload():
-    # RFC 6455 asks for the shortest form, but the reader accepts a longer one.
+    # RFC 6455 requires the shortest length form, but the reader accepts a longer one.
     _, events = read_all(client_frame(BINARY, b"abc", length_form="64"))
     assert events == [DataMessage(b"abc", False)]
 
@@ -243,7 +243,7 @@ def test_encode_close_reason_cut_to_fit():
 
 
 def test_server_frames_read_back():
-    # Server frames are unmasked; the reader reads them too, which also checks the encoder.
+    # The reader also parses unmasked server frames, so it can check the encoder.
     reader, events = read_all(encode_frame(Opcode.BINARY, b"q" * 70_000) + encode_frame(Opcode.PING, b"p"))
     assert events == [DataMessage(b"q" * 70_000, False), PingFrame(b"p")]
     assert reader.unmasked_frames == 2

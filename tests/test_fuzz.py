@@ -161,7 +161,12 @@ def test_frame_reader_reassembles(messages, cuts):
             rest = rest[size:]
         pieces.append(rest)
         for index, piece in enumerate(pieces):
-            opcode = (0x1 if text else 0x2) if index == 0 else 0x0
+            if index > 0:
+                opcode = 0x0
+            elif text:
+                opcode = 0x1
+            else:
+                opcode = 0x2
             mask = os.urandom(4) if masked else None
             stream += client_frame(opcode, piece, fin=index == len(pieces) - 1, mask=mask)
             if index == 0:

@@ -1,8 +1,8 @@
 """Tests of lab.server.LabServer on 127.0.0.1 with the TLS websocket client double.
 
 Every test that misbehaves on one connection also keeps a well-behaved client connected at
-the same time and checks that the server still serves it: its handshake completes and an
-agent-hash request is answered.
+the same time and checks that the server still serves it. Its handshake must complete and an
+agent-hash request must get a reply.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ async def next_event_of(connection: AgentConnection, kind: type, timeout: float 
 
 
 async def check_served(server: LabServer, client: AgentClient) -> None:
-    """Complete the client's handshake and check that an agent-hash request gets answered."""
+    """Complete the client's handshake and check that an agent-hash request gets a reply."""
     await client.serve_until(lambda: client.agent.authenticated, TIMEOUT)
     connection = await server.next_connection(client.agent.mesh_id, TIMEOUT)
     connection.session.request_agent_hash()

@@ -270,8 +270,11 @@ def test_push_core_message_layout(connected):
 def test_push_core_compressed(connected):
     script = b"var z = 3;" * 100
     core_hash = connected.session.push_core(script, compress=True)
-    assert command_ids(connected.session._outgoing) == [20]
-    assert connected.pump() == [CoreHashReported(core_hash)]
+    outgoing = connected.session.messages_to_send()
+    assert command_ids(outgoing) == [20]
+
+    replies = connected.agent.receive(outgoing[0])
+    assert connected.send_to_server(replies) == [CoreHashReported(core_hash)]
     assert connected.agent.core == bytes(4) + script
 
 

@@ -264,8 +264,12 @@ def command_images(args: argparse.Namespace) -> int:
         table = Table(title="updatelab images")
         for column in ("target", "kind", "image", "status"):
             table.add_column(column)
-        for row in images.list_images():
-            table.add_row(*(str(row.get(key, "")) for key in ("target", "kind", "image", "status")))
+        present = {info.target: info for info in images.list_images()}
+        for name in images.known_targets():
+            recipe = images.load_recipe(name)
+            info = present.get(name)
+            status = "built" if info else (images.unbuildable_reason(name) or "not built")
+            table.add_row(name, recipe.kind, recipe.tag, status)
         console.print(table)
         return 0
     if args.images_command == "rm":
@@ -273,13 +277,17 @@ def command_images(args: argparse.Namespace) -> int:
             images.remove(name)
             console.print(f"removed {name}")
         return 0
-    names = args.targets or images.offline_targets()
-    for name in names:
-        with console.status(f"building {name} …") as status:
-            def progress(message: str, status=status, name=name) -> None:
-                status.update(f"building {name}: {message}")
-            image = images.build(name, progress=progress, rebuild=args.rebuild)
-        console.print(f"{name}: {image}")
+    with console.status("checking images …") as status:
+        def progress(event: images.BuildProgress) -> None:
+            status.update(f"{event.target}: {event.step}: {event.message[:100]}")
+
+        results = images.build_targets(args.targets or None, progress=progress, rebuild=args.rebuild)
+    for result in results:
+        if isinstance(result, images.SkippedBuild):
+            console.print(f"[yellow]{result.target}: skipped, {result.reason}[/yellow]")
+        else:
+            state = "cached" if result.cached else f"built in {result.seconds:.0f} s"
+            console.print(f"{result.target}: {result.tag} ({state})")
     return 0
 
 

@@ -164,7 +164,7 @@ def _parse_json(data: bytes) -> JsonMessage:
         value = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as error:
         # ValueError covers invalid UTF-8, invalid JSON and integers longer than Python's
-        # 4300-digit conversion limit; RecursionError covers deeply nested arrays or objects.
+        # 4300-digit conversion limit. RecursionError covers deeply nested arrays or objects.
         raise PeerProtocolError(f"invalid JSON message of {len(data)} bytes: {error}") from None
     if not isinstance(value, dict):
         raise PeerProtocolError(f"JSON message is a {type(value).__name__}, expected an object")
