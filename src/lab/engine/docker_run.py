@@ -74,7 +74,7 @@ class RunState:
 
 
 def recover_crashed_runs() -> list[str]:
-    """Remove containers and networks of runs whose process is gone; return what was removed."""
+    """Remove the containers and networks of runs whose process is gone, and list what was removed."""
     removed: list[str] = []
     folder = state_root()
     if not folder.is_dir():
@@ -182,7 +182,7 @@ def _binaries_for(recipe: images.Recipe, args: argparse.Namespace, explicit: lis
 
 
 def _deploy(target: DockerTarget, binary: AgentBinary, msh: dict[str, str]) -> str:
-    """Copy the agent in and install it as a service with its own installer; return its output."""
+    """Copy the agent in, install it as a service with its own installer, and return the installer output."""
     target.put_file(STAGING_BINARY, binary.data, mode=0o755)
     target.put_file(STAGING_BINARY + ".msh", format_msh(msh))
     command = f"cd /root && {shlex.quote(STAGING_BINARY)} -fullinstall --copy-msh=1 --meshServiceName={SERVICE_NAME} --logUpdate=1"
@@ -251,8 +251,8 @@ def _options(args: argparse.Namespace, mode: Mode) -> CycleOptions:
     from lab.cli import cycle_options
 
     options = cycle_options(args, mode)
-    # A service that runs starts the agent within a few seconds; waiting longer only delays
-    # the verdict on targets where the installer left no agent running.
+    # A running service starts the agent within a few seconds. Waiting longer only delays the
+    # verdict on targets where the installer left no agent running.
     options.timeouts.connect = min(options.timeouts.connect, 30.0)
     return options
 
@@ -271,7 +271,7 @@ async def _run_matrix(entries: list[MatrixEntry], args: argparse.Namespace, expl
             limit = asyncio.Semaphore(max(1, args.parallel))
 
             # The modes of one target run one after another, each in a fresh container that
-            # reuses the target's container name; different targets run in parallel.
+            # reuses the target's container name. Different targets run in parallel.
             by_target: dict[str, list[MatrixEntry]] = {}
             for entry in entries:
                 by_target.setdefault(entry.target, []).append(entry)
