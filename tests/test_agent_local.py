@@ -48,9 +48,10 @@ pytestmark = [
 NEW_VERSION = "1.1.55"
 OLD_VERSION = "0.7.99"
 #: Limits, in seconds, on waiting for a CLI run, for its first agent connection and for its exit.
+#: EXIT_TIMEOUT leaves room for a run whose Ctrl-C was lost and that completes its 50 cycles.
 CLI_TIMEOUT = 300
 CONNECT_TIMEOUT = 120
-EXIT_TIMEOUT = 60
+EXIT_TIMEOUT = 240
 
 
 # -- fixtures and helpers -------------------------------------------------------------------------
@@ -188,11 +189,6 @@ def test_native_ab_versions(new_agent: AgentBinary, old_agent: AgentBinary) -> N
         assert cycle.checks["installed-hash"]["ok"], cycle.checks["installed-hash"]["detail"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LabServer copies FrameReader.unmasked_frames to the connection only when it closes, "
-    "so AgentDriver sees 0 when the agent connects and never records the websocket entry",
-)
 def test_old_agent_unmasked_frames(old_agent: AgentBinary) -> None:
     report, _ = run_cycles([old_agent], CycleOptions(count=0))
 
@@ -386,7 +382,10 @@ def test_cli_interrupt(tmp_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait(EXIT_TIMEOUT)
+            # The agent runs in its own session, so killing the CLI leaves it running.
+            for pid in processes_under(temp_dir):
+                os.kill(pid, signal.SIGKILL)
 
-    assert returncode == 130
     assert processes_under(temp_dir) == []
     assert not folders[0].exists()
+    assert returncode == 130

@@ -2,8 +2,9 @@
 
 Every test here is skipped when the Docker engine cannot be reached. Images are built on first
 use (debootstrap needs root and the Debian mirror) and reused afterwards. The agent installer
-tests also need the MeshAgent builds: set UPDATELAB_AGENT to the meshcentral package's
-``agents`` folder, or to one agent binary whose file name matches a recipe's ``agent`` key.
+tests also need the MeshAgent builds: they take the cached meshcentral package (updatelab agents
+fetch), or UPDATELAB_AGENT, set to an ``agents`` folder or to one agent binary whose file name
+matches a recipe's ``agent`` key.
 """
 
 from __future__ import annotations
@@ -204,7 +205,12 @@ STATUS_COMMANDS = {
 def _agent_binary(recipe: images.Recipe) -> Path:
     configured = os.environ.get("UPDATELAB_AGENT")
     if not configured:
-        pytest.skip("set UPDATELAB_AGENT to the meshcentral package's agents folder or to an agent binary")
+        from lab import agents
+
+        package = agents.cached_package()
+        if package is None:
+            pytest.skip("no agent builds: run 'updatelab agents fetch' or set UPDATELAB_AGENT")
+        configured = str(package.path)
     path = Path(configured)
     if path.is_dir():
         path = path / recipe.agent

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import hashlib
 import io
 import os
@@ -72,11 +73,13 @@ Message = bytes | str
 _HANDSHAKE_MESSAGES = (AuthRequest, AuthVerify, AuthInfo, AuthConfirm, ServerIdReport, AgentCommitDate, HostInfo, AgentTag)
 
 
+@functools.lru_cache(maxsize=4)
 def zip_agent_binary(binary: bytes) -> bytes:
     """Pack an agent binary the way MeshCentral does for compressed updates.
 
     The result is a zip with one deflated entry named ``meshagent``. The agent unzips it only
-    after the final hash, which is then the SHA-384 of these zip bytes, has matched.
+    after the final hash, which is then the SHA-384 of these zip bytes, has matched. Results
+    are cached because an A/B run zips the same two binaries in every cycle.
     """
     buffer = io.BytesIO()
     entry = zipfile.ZipInfo("meshagent", date_time=(2020, 1, 1, 0, 0, 0))

@@ -91,12 +91,16 @@ class AgentConnection:
 
     async def next_event(self, timeout: float) -> TimedEvent:
         """Return the next event, or raise TimeoutError after `timeout` seconds."""
-        return await asyncio.wait_for(self.events.get(), timeout)
+        # asyncio.timeout, unlike wait_for on Python 3.11, never swallows a cancellation
+        # (Ctrl-C) that arrives as the awaited item completes.
+        async with asyncio.timeout(timeout):
+            return await self.events.get()
 
     async def wait_closed(self, timeout: float) -> bool:
         """Wait until the connection closes; return False if it is still open after `timeout`."""
         try:
-            await asyncio.wait_for(self.closed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.closed.wait()
         except TimeoutError:
             return False
         return True
@@ -177,7 +181,8 @@ class LabServer:
 
         Raises TimeoutError when none arrives within `timeout` seconds.
         """
-        return await asyncio.wait_for(self._waiting[mesh_id].get(), timeout)
+        async with asyncio.timeout(timeout):
+            return await self._waiting[mesh_id].get()
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -190,7 +195,8 @@ class LabServer:
         if raw_socket is not None:
             raw_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            async with asyncio.timeout(30):
+                head = await reader.readuntil(b"\r\n\r\n")
             await self._dispatch(head, reader, writer, peer)
         except asyncio.LimitOverrunError:
             logger.warning("%s: request head longer than %d bytes; closing", peer, MAX_REQUEST_HEAD)
@@ -327,6 +333,7 @@ class LabServer:
                 return
             try:
                 frame_reader.receive_data(data)
+                connection.unmasked_frames = frame_reader.unmasked_frames
             except frames.MessageTooBig as error:
                 self._count_violation(connection, str(error))
                 connection.close_reason = "oversized message"
