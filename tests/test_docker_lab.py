@@ -85,6 +85,17 @@ def test_expectations_unlisted_failure_is_mismatch(tmp_path: Path) -> None:
     assert not verdict["ok"]
 
 
+def test_expectations_intermittent_pass_matches(tmp_path: Path) -> None:
+    path = _write_expectations(
+        tmp_path,
+        '[[known_failure]]\ntarget = "t"\nmode = "native"\nreason = "no reconnect"\nevidence = "log"\n'
+        "intermittent = true\n",
+    )
+    verdict = judge_matrix(_report_with("t/native", PASSED), Expectations.load(path), ["t/native"])
+    assert verdict["ok"]
+    assert "did not occur" in verdict["lines"][0]
+
+
 def test_expectations_other_reason_is_mismatch(tmp_path: Path) -> None:
     path = _write_expectations(
         tmp_path, '[[known_failure]]\ntarget = "t"\nmode = "native"\nreason = "no reconnect"\nevidence = "log"\n'
@@ -164,8 +175,9 @@ def test_sysvinit_known_failure_matches(tmp_path: Path, agent_packages) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["cycles"][0]["verdict"] == "failed"
-    assert "no reconnect" in report["cycles"][0]["reason"]
+    cycle = report["cycles"][0]
+    # The init.d restart races with the old process's exit, so the cycle may pass.
+    assert cycle["verdict"] == "passed" or "no reconnect" in cycle["reason"]
     log = (tmp_path / "debian12-sysvinit" / "native" / "usr_local_mesh_services_labagent_meshagent.log").read_text()
     assert "Calling Service restart (INITD)" in log
     assert _labelled_objects() == []

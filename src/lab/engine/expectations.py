@@ -7,6 +7,7 @@ Every target and mode is expected to pass unless the file records a known agent 
     mode = "native"
     reason = "no connection"     # text that the failed cycle's reason must contain
     evidence = "why this is the agent's behaviour, and which evidence file shows it"
+    intermittent = true          # optional: the agent races, so a pass also matches
 
 A matrix matches its expectations when every entry passed or failed exactly as recorded. An
 unexpected pass is a mismatch too, so a fixed agent or a lab change shows up.
@@ -23,6 +24,7 @@ from lab.engine.report import Report
 from lab.errors import ConfigError
 
 _FIELDS = {"target", "mode", "reason", "evidence"}
+_OPTIONAL_FIELDS = {"intermittent"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +33,7 @@ class KnownFailure:
     mode: str
     reason: str
     evidence: str
+    intermittent: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,16 +51,19 @@ class Expectations:
         failures = {}
         for index, entry in enumerate(data.get("known_failure", [])):
             missing = _FIELDS - set(entry)
-            unknown = set(entry) - _FIELDS
+            unknown = set(entry) - _FIELDS - _OPTIONAL_FIELDS
             if missing or unknown:
                 raise ConfigError(
                     f"{path}: known_failure #{index + 1} "
                     + (f"is missing {', '.join(sorted(missing))}" if missing else f"has unknown fields {', '.join(sorted(unknown))}")
-                    + f"; allowed fields are {', '.join(sorted(_FIELDS))}"
+                    + f"; allowed fields are {', '.join(sorted(_FIELDS | _OPTIONAL_FIELDS))}"
                 )
             if entry["mode"] not in ("native", "recovery"):
                 raise ConfigError(f"{path}: known_failure #{index + 1} has mode {entry['mode']!r}; use native or recovery")
-            failure = KnownFailure(**{key: str(entry[key]) for key in _FIELDS})
+            intermittent = entry.get("intermittent", False)
+            if not isinstance(intermittent, bool):
+                raise ConfigError(f"{path}: known_failure #{index + 1} has intermittent = {intermittent!r}; use true or false")
+            failure = KnownFailure(**{key: str(entry[key]) for key in _FIELDS}, intermittent=intermittent)
             failures[f"{failure.target}/{failure.mode}"] = failure
         return cls(failures)
 
@@ -75,6 +81,8 @@ def judge_matrix(report: Report, expectations: Expectations, labels: list[str]) 
         elif known is None:
             matched = not failures
             text = "passed as expected" if matched else f"unexpected failure: {failures[0].reason}"
+        elif not failures and known.intermittent:
+            matched, text = True, f"passed; the intermittent known failure ({known.reason}) did not occur this time"
         elif not failures:
             matched, text = False, f"unexpected pass: recorded as a known failure ({known.reason})"
         else:
