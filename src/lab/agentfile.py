@@ -52,7 +52,7 @@ _ELF_MACHINES = {62: "x86-64", 3: "x86", 183: "aarch64", 40: "arm", 8: "mips", 2
 
 
 def detect_format(data: bytes) -> ExecutableFormat | None:
-    """Return the executable format of `data`, or None if it is none of ELF, PE and Mach-O."""
+    """Return the executable format of `data`: ELF, PE, Mach-O, or None for anything else."""
     if data[:4] == b"\x7fELF":
         return ExecutableFormat.ELF
     if data[:2] == b"MZ":

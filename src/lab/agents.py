@@ -101,7 +101,8 @@ class AgentPackage:
         """List the agent binaries with their architecture id, size and agent hash."""
         entries = []
         for path in sorted(self.path.iterdir()):
-            if not path.is_file() or path.name not in ARCHITECTURE_IDS and not path.name.startswith("meshagent"):
+            known_name = path.name in ARCHITECTURE_IDS or path.name.startswith("meshagent")
+            if not path.is_file() or not known_name:
                 continue
             data = path.read_bytes()
             if detect_format(data) is None:
@@ -126,7 +127,7 @@ def cached_package(version: str = DEFAULT_VERSION) -> AgentPackage | None:
 
 
 def require_package(version: str = DEFAULT_VERSION) -> AgentPackage:
-    """Return the cached package, raising an error that says how to fetch it when missing."""
+    """Return the cached package, or raise AgentPackageError naming the fetch command."""
     package = cached_package(version)
     if package is None:
         raise AgentPackageError(

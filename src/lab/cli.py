@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -29,36 +30,25 @@ from lab.protocol.commands import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
-def _block_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid block size {text!r}: expected a whole number of bytes") from None
-    if not MIN_BLOCK_SIZE <= value <= MAX_BLOCK_SIZE:
-        raise argparse.ArgumentTypeError(
-            f"block size {value} is out of range: use {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE} bytes"
-        )
-    return value
+def _integer_in_range(what: str, low: int, high: int | None, unit: str = "") -> Callable[[str], int]:
+    """Return an argparse type that accepts whole numbers from `low` to `high` (None: no limit)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: expected a whole number") from None
+        if value < low or (high is not None and value > high):
+            limit = f"{low} to {high}" if high is not None else f"{low} or more"
+            raise argparse.ArgumentTypeError(f"{what} {value} is out of range: use {limit}{unit}")
+        return value
+
+    return parse
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {value} is out of range 0..65535")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
+_block_size = _integer_in_range("block size", MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, " bytes")
+_port = _integer_in_range("port", 0, 65535)
+_non_negative = _integer_in_range("number", 0, None)
 
 
 def _add_cycle_options(parser: argparse.ArgumentParser) -> None:
@@ -213,16 +203,16 @@ def command_run(args: argparse.Namespace) -> int:
     binaries = load_binaries(args)
     report = Report(settings={"provider": args.provider, "modes": [str(m) for m in modes], "cycles": args.cycles,
                               "block_size": args.block_size, "binaries": [str(b.path) for b in binaries]})
+    options_by_mode = {mode: cycle_options(args, mode) for mode in modes}
     if args.provider == "docker":
         from lab.engine.docker_run import run_docker_matrix
 
-        return run_docker_matrix(args, modes, binaries, report, console)
+        return run_docker_matrix(args, options_by_mode, binaries, report, console)
 
     from lab.engine.local_run import run_local
 
     with Display(console) as display:
-        for mode in modes:
-            options = cycle_options(args, mode)
+        for options in options_by_mode.values():
             asyncio.run(run_local(binaries, options, report, port=args.port, keep=args.keep,
                                   report_dir=args.report_dir, display=display))
     return _finish(report, args.report_dir)
@@ -251,7 +241,12 @@ def command_doctor(args: argparse.Namespace) -> int:
     failures = 0
     for check in run_checks():
         failures += not check.ok and check.required
-        status = "[green]ok[/green]" if check.ok else ("[red]missing[/red]" if check.required else "[yellow]optional[/yellow]")
+        if check.ok:
+            status = "[green]ok[/green]"
+        elif check.required:
+            status = "[red]missing[/red]"
+        else:
+            status = "[yellow]optional[/yellow]"
         table.add_row(check.name, status, check.detail)
     console.print(table)
     return 1 if failures else 0

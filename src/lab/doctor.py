@@ -1,4 +1,4 @@
-"""``updatelab doctor``: check each prerequisite and say how to fix what is missing."""
+"""``updatelab doctor``: check each prerequisite and print how to fix what is missing."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ def _command_output(command: list[str]) -> tuple[bool, str]:
         result = subprocess.run(command, capture_output=True, text=True, timeout=20, check=False)
     except (OSError, subprocess.TimeoutExpired) as error:
         return False, str(error)
-    return result.returncode == 0, (result.stdout or result.stderr).strip().splitlines()[0] if (result.stdout or result.stderr).strip() else ""
+    output = (result.stdout or result.stderr).strip()
+    first_line = output.splitlines()[0] if output else ""
+    return result.returncode == 0, first_line
 
 
 def run_checks() -> list[Check]:

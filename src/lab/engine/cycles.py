@@ -15,7 +15,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from lab.agentfile import AgentBinary
@@ -23,6 +23,7 @@ from lab.engine.report import FAILED, PASSED, CycleResult, Report
 from lab.protocol.commands import MAX_BLOCK_SIZE, Capability
 from lab.protocol.events import (
     AgentHashReported,
+    Event,
     AgentNotice,
     BlockAcknowledged,
     ConsoleMessage,
@@ -33,7 +34,7 @@ from lab.protocol.events import (
     UpdateHashSent,
 )
 from lab.protocol.session import NativeUpdate
-from lab.server.server import AgentConnection, Download, LabServer, TimedEvent
+from lab.server.server import AgentConnection, Download, LabServer
 
 logger = logging.getLogger(__name__)
 
@@ -174,14 +175,26 @@ class AgentDriver:
         """Return the binary that cycle `index` installs: the next one after the installed one."""
         return self.binaries[(index + 1) % len(self.binaries)]
 
-    async def _next_event(self, connection: AgentConnection, timeout: float) -> TimedEvent:
-        """Return the next event, relaying console output and protocol errors to the timeline."""
-        deadline = time.monotonic() + timeout
+    async def _events(
+        self, connection: AgentConnection, seconds: float, on_timeout: CycleFailure, *, idle: bool = False
+    ) -> AsyncIterator[Event]:
+        """Yield the connection's events, relaying console output and protocol errors to the timeline.
+
+        Raises `on_timeout` once `seconds` have passed before the caller stops iterating. With
+        `idle`, the limit applies to each gap between two events instead of the whole wait.
+        """
+        deadline = time.monotonic() + seconds
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            timed = await connection.next_event(remaining)
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                timed = await connection.next_event(remaining)
+            except TimeoutError:
+                raise on_timeout from None
+            if idle:
+                deadline = time.monotonic() + seconds
+
             match timed.event:
                 case ConsoleMessage(text=text):
                     self._record("console", text)
@@ -191,7 +204,7 @@ class AgentDriver:
                     self._record("protocol-error", description)
                 case CoreInfoReported(value=value):
                     self._record("core-info", value)
-            return timed
+            yield timed.event
 
     async def _wait_connection(self, timeout: float) -> AgentConnection:
         connection = await self.server.next_connection(self.mesh_id, timeout)
@@ -210,16 +223,12 @@ class AgentDriver:
     async def _request_hash(self, connection: AgentConnection) -> bytes:
         connection.session.request_agent_hash()
         await connection.flush()
-        deadline = time.monotonic() + self.options.timeouts.hash_reply
-        while True:
-            try:
-                timed = await self._next_event(connection, deadline - time.monotonic())
-            except TimeoutError:
-                raise CycleFailure(Reason.NO_HASH, f"after {self.options.timeouts.hash_reply:.0f} s") from None
-            if isinstance(timed.event, AgentHashReported):
-                agent_hash = timed.event.agent_hash
-                self._record("agent-hash", agent_hash.hex())
-                return agent_hash
+        seconds = self.options.timeouts.hash_reply
+        async for event in self._events(connection, seconds, CycleFailure(Reason.NO_HASH, f"after {seconds:.0f} s")):
+            if isinstance(event, AgentHashReported):
+                self._record("agent-hash", event.agent_hash.hex())
+                return event.agent_hash
+        raise AssertionError("_events ends only by raising")
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -253,16 +262,13 @@ class AgentDriver:
             target=self.target,
             index=index,
             mode=str(self.options.mode),
-            expected_hash=self._expected_hash(binary).hex(),
+            expected_hash=binary.agent_hash.hex(),
             reported_hash=reported.hex() if reported else None,
             duration=round(time.monotonic() - started, 3),
             verdict=verdict,
             reason=reason,
             expected_outcome=str(self.options.expected_outcome()),
         )
-
-    def _expected_hash(self, binary: AgentBinary) -> bytes:
-        return binary.agent_hash
 
     async def run_cycle(self, index: int) -> CycleResult:
         self._cycle = index
@@ -339,12 +345,10 @@ class AgentDriver:
         )
         transfer_started = time.monotonic()
 
-        while True:
-            try:
-                timed = await self._next_event(connection, self.options.timeouts.block_ack)
-            except TimeoutError:
-                raise CycleFailure(Reason.STALLED, f"none for {self.options.timeouts.block_ack:.0f} s") from None
-            match timed.event:
+        seconds = self.options.timeouts.block_ack
+        stalled = CycleFailure(Reason.STALLED, f"none for {seconds:.0f} s")
+        async for event in self._events(connection, seconds, stalled, idle=True):
+            match event:
                 case BlockAcknowledged(acknowledged_bytes=done, total_bytes=total):
                     if self.on_progress is not None:
                         self.on_progress(self.target, done, total)
@@ -392,14 +396,11 @@ class AgentDriver:
             raise CycleFailure(Reason.CORE_NOT_LOADED, "no recovery core script was given")
         core_hash = connection.session.push_core(script)
         await connection.flush()
-        deadline = time.monotonic() + self.options.timeouts.core_load
-        while True:
-            try:
-                timed = await self._next_event(connection, deadline - time.monotonic())
-            except TimeoutError:
-                raise CycleFailure(Reason.CORE_NOT_LOADED, f"no core hash within {self.options.timeouts.core_load:.0f} s") from None
-            if isinstance(timed.event, CoreHashReported):
-                if timed.event.core_hash == core_hash:
+        seconds = self.options.timeouts.core_load
+        not_loaded = CycleFailure(Reason.CORE_NOT_LOADED, f"no core hash within {seconds:.0f} s")
+        async for event in self._events(connection, seconds, not_loaded):
+            if isinstance(event, CoreHashReported):
+                if event.core_hash == core_hash:
                     self._record("core-loaded", core_hash.hex()[:12])
                     break
                 raise CycleFailure(Reason.CORE_NOT_LOADED, "the agent reports another core hash or none")
@@ -451,13 +452,9 @@ class AgentDriver:
 
     async def _wait_downloaded(self, connection: AgentConnection, outcome: Outcome) -> bool:
         """Wait for agentupdatedownloaded; return True if the core refused as a console agent."""
-        deadline = time.monotonic() + self.options.timeouts.download
-        while True:
-            try:
-                timed = await self._next_event(connection, deadline - time.monotonic())
-            except TimeoutError:
-                raise CycleFailure(Reason.DOWNLOAD_FAILED, f"no agentupdatedownloaded within {self.options.timeouts.download:.0f} s") from None
-            event = timed.event
+        seconds = self.options.timeouts.download
+        not_downloaded = CycleFailure(Reason.DOWNLOAD_FAILED, f"no agentupdatedownloaded within {seconds:.0f} s")
+        async for event in self._events(connection, seconds, not_downloaded):
             if isinstance(event, UpdateDownloaded):
                 self._record("downloaded", "the recovery core verified the download")
                 if outcome is Outcome.CONSOLE_REFUSAL:
@@ -470,3 +467,4 @@ class AgentDriver:
                 raise CycleFailure(Reason.DOWNLOAD_FAILED, event.text)
             if isinstance(event, ConsoleMessage) and "giving up" in event.text.lower():
                 raise CycleFailure(Reason.DOWNLOAD_FAILED, event.text)
+        raise AssertionError("_events ends only by raising")

@@ -1,10 +1,10 @@
 """The Linux matrix: one container per target and mode, the agent installed as a service.
 
-Steps for each target and mode: create the container on the run's internal network, copy the
-agent and its .msh in, install it with the agent's own installer (``-fullinstall``), run the
-update cycles from the server on the network's gateway, check every cycle inside the container,
-save the evidence, and remove the container. The run's state file is rewritten after every
-step, and a later run removes what a crashed run left behind.
+For each target and mode the runner creates a container on the run's internal network, copies
+the agent and its .msh in, and installs it with the agent's own installer (``-fullinstall``).
+It then runs the update cycles from the server on the network's gateway, checks every cycle
+inside the container, saves the evidence, and removes the container. The run's state file is
+rewritten after every step, and a later run removes what a crashed run left behind.
 """
 
 from __future__ import annotations
@@ -195,6 +195,7 @@ async def _run_entry(
     provider: DockerProvider,
     server: LabServer,
     args: argparse.Namespace,
+    options_by_mode: dict[Mode, CycleOptions],
     explicit: list[AgentBinary],
     report: Report,
     state: RunState,
@@ -204,7 +205,7 @@ async def _run_entry(
     label = f"{entry.target}/{entry.mode}"
     recipe = images.load_recipe(entry.target)
     binaries = _binaries_for(recipe, args, explicit)
-    options = _options(args, entry.mode)
+    options = _container_options(options_by_mode[entry.mode])
     mesh_id = os.urandom(48)
     evidence_dir = run_dir / entry.target / str(entry.mode)
     target: DockerTarget | None = None
@@ -247,18 +248,16 @@ async def _run_entry(
                 display.event(label, None, "teardown", "container removed")
 
 
-def _options(args: argparse.Namespace, mode: Mode) -> CycleOptions:
-    from lab.cli import cycle_options
-
-    options = cycle_options(args, mode)
+def _container_options(options: CycleOptions) -> CycleOptions:
+    """Return a copy of `options` for one container, with a shorter wait for the first connection."""
     # A running service starts the agent within a few seconds. Waiting longer only delays the
     # verdict on targets where the installer left no agent running.
-    options.timeouts.connect = min(options.timeouts.connect, 30.0)
-    return options
+    timeouts = dataclasses.replace(options.timeouts, connect=min(options.timeouts.connect, 30.0))
+    return dataclasses.replace(options, timeouts=timeouts)
 
 
-async def _run_matrix(entries: list[MatrixEntry], args: argparse.Namespace, explicit: list[AgentBinary],
-                      report: Report, display: Display, run_dir: Path, run_id: str) -> None:
+async def _run_matrix(entries: list[MatrixEntry], args: argparse.Namespace, options_by_mode: dict[Mode, CycleOptions],
+                      explicit: list[AgentBinary], report: Report, display: Display, run_dir: Path, run_id: str) -> None:
     provider = DockerProvider(run_id)
     provider.preflight()
     state = RunState(run_id)
@@ -279,7 +278,9 @@ async def _run_matrix(entries: list[MatrixEntry], args: argparse.Namespace, expl
             async def bounded(target_entries: list[MatrixEntry]) -> None:
                 async with limit:
                     for entry in target_entries:
-                        await _run_entry(entry, provider, server, args, explicit, report, state, display, run_dir)
+                        await _run_entry(
+                            entry, provider, server, args, options_by_mode, explicit, report, state, display, run_dir
+                        )
 
             async with asyncio.TaskGroup() as group:
                 for target_entries in by_target.values():
@@ -290,7 +291,13 @@ async def _run_matrix(entries: list[MatrixEntry], args: argparse.Namespace, expl
         state.finish("cleaned")
 
 
-def run_docker_matrix(args: argparse.Namespace, modes: list[Mode], binaries: list[AgentBinary], report: Report, console: Console) -> int:
+def run_docker_matrix(
+    args: argparse.Namespace,
+    options_by_mode: dict[Mode, CycleOptions],
+    binaries: list[AgentBinary],
+    report: Report,
+    console: Console,
+) -> int:
     """Run every target in every mode and return the exit status of ``updatelab run``."""
     known = images.known_targets()
     names = [name.strip() for name in args.targets.split(",") if name.strip()]
@@ -315,12 +322,12 @@ def run_docker_matrix(args: argparse.Namespace, modes: list[Mode], binaries: lis
     run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
     run_dir = args.report_dir or (state_root() / run_id)
     report.settings["run_id"] = run_id
-    entries = [MatrixEntry(name, mode) for name in buildable for mode in modes]
+    entries = [MatrixEntry(name, mode) for name in buildable for mode in options_by_mode]
     with Display(console) as display:
         for name in buildable:
             with console.status(f"checking image {name} …") as status:
                 images.build(name, progress=lambda event, status=status: status.update(f"{event.target}: {event.step}: {event.message[:80]}"))
-        asyncio.run(_run_matrix(entries, args, binaries, report, display, run_dir, run_id))
+        asyncio.run(_run_matrix(entries, args, options_by_mode, binaries, report, display, run_dir, run_id))
 
     console.print(summary_table(report))
     run_dir.mkdir(parents=True, exist_ok=True)

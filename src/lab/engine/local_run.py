@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -45,7 +46,7 @@ async def run_local(
     `keep` is set.
     """
     if options.mode is Mode.RECOVERY:
-        options.recovery_outcome = Outcome.CONSOLE_REFUSAL
+        options = dataclasses.replace(options, recovery_outcome=Outcome.CONSOLE_REFUSAL)
     identity = generate_identity(["127.0.0.1"])
     mesh_id = os.urandom(48)
     target = "local"

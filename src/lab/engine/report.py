@@ -1,6 +1,6 @@
 """Run reports as plain data, with JSON, JUnit XML and text renderers.
 
-A report holds a timeline (every event that matters, stamped in seconds since the run started)
+A report contains a timeline (every event that matters, stamped in seconds since the run started)
 and one record per update cycle with its verdict.
 """
 

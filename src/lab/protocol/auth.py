@@ -4,7 +4,7 @@ Definitions (MeshAgent meshcore/agentcore.c, MeshCentral certoperations.js):
 
 * the TLS hash is SHA-384 of the DER of the server's TLS certificate;
 * the key hash of a certificate is SHA-384 of the bytes inside its subjectPublicKey bit string,
-  which for RSA is the PKCS#1 RSAPublicKey DER. The agent's ServerID setting holds the key hash
+  which for RSA is the PKCS#1 RSAPublicKey DER. The agent's ServerID setting contains the key hash
   of the server's agent certificate, and the agent's node id is the key hash of its own
   certificate;
 * the agent signs ``X || server nonce || agent nonce`` with RSASSA-PKCS1-v1_5 and SHA-384,
@@ -49,7 +49,7 @@ def verify_agent_proof(
 
     Raises PeerProtocolError when the certificate cannot be parsed, is not RSA, or the
     signature does not verify. Windows agents whose key lives in the certificate store sign
-    with PKCS#7 instead; the lab does not verify those and rejects them with a clear message.
+    with PKCS#7 instead. The lab does not verify those, so it rejects them with a clear message.
     """
     try:
         certificate = x509.load_der_x509_certificate(certificate_der)

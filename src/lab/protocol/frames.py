@@ -2,7 +2,7 @@
 
 The lab does its own framing instead of using a general websocket library because MeshAgent
 builds differ from the RFC: the 2021 agent shipped with MeshCentral 0.7.99 sends its frames
-unmasked, which RFC 6455 section 5.1 says a server must reject. The reader accepts them and
+unmasked, which a server must reject under RFC 6455 section 5.1. The reader accepts them and
 counts them in `FrameReader.unmasked_frames`, so a report can show the deviation.
 
 Server frames are never masked and every message goes out as one frame with FIN set, because

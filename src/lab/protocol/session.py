@@ -24,6 +24,7 @@ import hashlib
 import io
 import os
 import zipfile
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -92,7 +93,7 @@ def zip_agent_binary(binary: bytes) -> bytes:
 
 @dataclasses.dataclass
 class NativeUpdate:
-    """What to send in one native update and how to pace it.
+    """Payload, final hash and pacing of one native update.
 
     `payload` is sent in blocks and `final_hash` closes the transfer. Normally the payload is
     the new binary and the hash is its agent hash. With `compressed`, the payload is the zip of
@@ -303,8 +304,6 @@ class AgentSession:
         core_hash = hashlib.sha384(payload).digest()
         compressed = None
         if compress:
-            import zlib
-
             deflater = zlib.compressobj(9, zlib.DEFLATED, -15)
             compressed = deflater.compress(payload) + deflater.flush()
         self._outgoing.append(commands.build_core_module(payload, core_hash, compressed_payload=compressed))

@@ -335,13 +335,13 @@ class LabServer:
                 frame_reader.receive_data(data)
                 connection.unmasked_frames = frame_reader.unmasked_frames
             except frames.MessageTooBig as error:
-                self._count_violation(connection, str(error))
+                self._deliver(connection, [ProtocolViolation(str(error))])
                 connection.close_reason = "oversized message"
                 writer.write(frames.encode_close(1009, "message too big"))
                 await writer.drain()
                 return
             except PeerProtocolError as error:
-                self._count_violation(connection, f"invalid websocket framing: {error}")
+                self._deliver(connection, [ProtocolViolation(f"invalid websocket framing: {error}")])
                 connection.close_reason = "invalid websocket framing"
                 writer.write(frames.encode_close(1002, "protocol error"))
                 await writer.drain()
@@ -365,9 +365,6 @@ class LabServer:
                         await writer.drain()
                         return
             await send_pending()
-
-    def _count_violation(self, connection: AgentConnection, description: str) -> None:
-        self._deliver(connection, [ProtocolViolation(description)])
 
     def _deliver(self, connection: AgentConnection, events: list[Event]) -> None:
         now = asyncio.get_running_loop().time()
