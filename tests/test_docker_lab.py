@@ -33,18 +33,25 @@ _DOCKER_PROBLEM = _docker_available()
 needs_docker = pytest.mark.skipif(_DOCKER_PROBLEM is not None, reason=f"Docker cannot run here: {_DOCKER_PROBLEM}")
 
 
-def _labelled_objects() -> list[str]:
-    from lab.providers.docker import connect
+def labelled_objects(run_id: str) -> list[str]:
+    """Return the containers and networks labelled with `run_id`; other runs on this engine do not count."""
+    from lab.providers.docker import connect, run_label_filter
 
     client = connect()
-    names = [c.name for c in client.containers.list(all=True, filters={"label": "updatelab.run"})]
-    names += [n.name for n in client.networks.list(filters={"label": "updatelab.run"})]
+    selector = run_label_filter(run_id)
+    names = [c.name for c in client.containers.list(all=True, filters={"label": selector})]
+    names += [n.name for n in client.networks.list(filters={"label": selector})]
     return names
 
 
-def _run_cli(*arguments: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_id_of(report_dir: Path) -> str:
+    return json.loads((report_dir / "report.json").read_text())["settings"]["run_id"]
+
+
+def _run_cli(*arguments: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lab", *arguments], capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False
+        [sys.executable, "-m", "lab", *arguments], capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -161,7 +168,7 @@ def test_systemd_native_and_recovery(tmp_path: Path, agent_packages) -> None:
     evidence = tmp_path / "debian12-systemd" / "native"
     assert (evidence / "usr_local_mesh_services_labagent_meshagent.log").is_file()
     assert (evidence / "lib_systemd_system_labagent.service").is_file()
-    assert _labelled_objects() == []
+    assert labelled_objects(run_id_of(tmp_path)) == []
 
 
 @needs_docker
@@ -180,17 +187,19 @@ def test_sysvinit_known_failure_matches(tmp_path: Path, agent_packages) -> None:
     assert cycle["verdict"] == "passed" or "no reconnect" in cycle["reason"]
     log = (tmp_path / "debian12-sysvinit" / "native" / "usr_local_mesh_services_labagent_meshagent.log").read_text()
     assert "Calling Service restart (INITD)" in log
-    assert _labelled_objects() == []
+    assert labelled_objects(run_id_of(tmp_path)) == []
 
 
 @needs_docker
 @pytest.mark.docker
 @pytest.mark.agent
 def test_sigkill_then_clean_leaves_nothing(tmp_path: Path, agent_packages) -> None:
+    # A private state folder: the run's state file names its run id, and no other run is touched.
+    state = {"XDG_STATE_HOME": str(tmp_path / "state")}
     process = subprocess.Popen(
         [sys.executable, "-m", "lab", "run", "--provider", "docker", "--targets", "debian12-systemd",
          "--cycles", "20", "--report-dir", str(tmp_path)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **state},
     )
     deadline = time.monotonic() + 180
     assert process.stdout is not None
@@ -199,8 +208,10 @@ def test_sigkill_then_clean_leaves_nothing(tmp_path: Path, agent_packages) -> No
             break
     os.kill(process.pid, signal.SIGKILL)
     process.wait(30)
-    assert _labelled_objects() != []
+    (state_file,) = (tmp_path / "state" / "updatelab" / "runs").glob("*.json")
+    run_id = json.loads(state_file.read_text())["run_id"]
+    assert labelled_objects(run_id) != []
 
-    result = _run_cli("clean")
+    result = _run_cli("clean", "--run-id", run_id, env=state)
     assert result.returncode == 0
-    assert _labelled_objects() == []
+    assert labelled_objects(run_id) == []

@@ -1,4 +1,4 @@
-"""Command-line interface: ``updatelab agents|run|serve|doctor|images|clean``.
+"""Command-line interface: ``updatelab agents|run|reproduce|serve|doctor|images|clean``.
 
 Options of MeshAgent's test/update-test.js map as follows: CycleCount is --cycles,
 MinimumDelay and MaximumDelay are --min-delay and --max-delay, AltBinary is --alt-binary,
@@ -83,13 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--version", default=agents.DEFAULT_VERSION)
 
     run = commands.add_parser("run", help="provision targets, run update cycles, judge and report them")
-    run.add_argument("--provider", choices=("local", "docker"), default="local", help="where the agent runs (default: local)")
-    run.add_argument("--targets", default="debian12-systemd", help="comma-separated Docker targets (docker provider)")
+    run.add_argument("--provider", choices=("local", "docker", "vagrant"), default="local", help="where the agent runs (default: local)")
+    run.add_argument("--targets", help="comma-separated targets: images/ names for docker (default: debian12-systemd), boxes/ names for vagrant (default: debian12-vm)")
+    run.add_argument("--boot-timeout", type=_integer_in_range("boot timeout", 30, None, " s"), default=600, help="seconds a VM may take to boot until SSH answers (vagrant provider, default: 600)")
     run.add_argument("--port", type=_port, default=0, help="server port (default: a free port)")
     run.add_argument("--keep", action="store_true", help="keep failed targets for inspection")
     run.add_argument("--parallel", type=int, default=2, help="targets run at once (docker provider, default: 2)")
     run.add_argument("--expectations", type=Path, help="expectations file for the docker matrix")
     _add_cycle_options(run)
+
+    reproduce = commands.add_parser("reproduce", help="run fault scenarios against the real agent in containers and judge them")
+    reproduce.add_argument("scenarios", nargs="+", type=Path, help="scenario files (TOML), or folders of them")
+    reproduce.add_argument("--report-dir", type=Path, help="write report.json, junit.xml and evidence here")
+    reproduce.add_argument("--parallel", type=_integer_in_range("parallel scenarios", 1, 8), default=2, help="scenarios run at once (default: 2)")
+    reproduce.add_argument("--quick", action="store_true", help="skip the scenarios marked slow")
+    reproduce.add_argument("--keep", action="store_true", help="keep the containers of failed scenarios for inspection")
 
     serve = commands.add_parser("serve", help="run only the server for an agent started by hand, and print its .msh")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind: loopback or a lab network gateway")
@@ -97,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cycle_options(serve)
 
     commands.add_parser("doctor", help="check every prerequisite and say how to fix what is missing")
+
+    boxes_parser = commands.add_parser("boxes", help="build or list the Vagrant boxes of VM targets")
+    boxes_commands = boxes_parser.add_subparsers(dest="boxes_command", required=True)
+    box_build = boxes_commands.add_parser("build", help="build a box here from debootstrap and add it to Vagrant (cached)")
+    box_build.add_argument("targets", nargs="*", help="VM targets to build (default: every target built here)")
+    box_build.add_argument("--rebuild", action="store_true", help="rebuild even when the box is up to date")
+    boxes_commands.add_parser("list", help="list VM targets and whether their boxes are present")
+    box_remove = boxes_commands.add_parser("rm", help="remove boxes from Vagrant and their uploaded images from libvirt")
+    box_remove.add_argument("targets", nargs="+")
 
     images = commands.add_parser("images", help="build, list or remove target images")
     images_commands = images.add_subparsers(dest="images_command", required=True)
@@ -204,6 +221,12 @@ def command_run(args: argparse.Namespace) -> int:
     report = Report(settings={"provider": args.provider, "modes": [str(m) for m in modes], "cycles": args.cycles,
                               "block_size": args.block_size, "binaries": [str(b.path) for b in binaries]})
     options_by_mode = {mode: cycle_options(args, mode) for mode in modes}
+    if args.targets is None:
+        args.targets = "debian12-vm" if args.provider == "vagrant" else "debian12-systemd"
+    if args.provider == "vagrant":
+        from lab.engine.vm_run import run_vm_matrix
+
+        return run_vm_matrix(args, options_by_mode, binaries, report, console)
     if args.provider == "docker":
         from lab.engine.docker_run import run_docker_matrix
 
@@ -286,9 +309,32 @@ def command_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_reproduce(args: argparse.Namespace) -> int:
+    from lab.faults import runner, scenario
+
+    scenarios = scenario.load_many(args.scenarios)
+    if args.quick:
+        skipped = [item.name for item in scenarios if item.slow]
+        scenarios = [item for item in scenarios if not item.slow]
+        if skipped:
+            console.print(f"--quick: skipping the slow scenarios {', '.join(skipped)}")
+        if not scenarios:
+            raise ConfigError("--quick left no scenario to run; drop --quick to run the slow ones")
+    return runner.reproduce(scenarios, report_dir=args.report_dir, parallel=args.parallel, keep=args.keep, console=console)
+
+
+def command_boxes(args: argparse.Namespace) -> int:
+    from lab.cli_boxes import command_boxes as run_boxes_command
+
+    return run_boxes_command(args, console)
+
+
 def command_clean(args: argparse.Namespace) -> int:
     from lab.providers import docker as docker_provider
 
+    from lab.cli_boxes import clean_vms
+
+    clean_vms(args.run_id, console)
     removed = docker_provider.clean(args.run_id)
     console.print(f"removed {len(removed)} labelled containers and networks" + (": " + ", ".join(removed) if removed else ""))
     return 0
@@ -297,6 +343,8 @@ def command_clean(args: argparse.Namespace) -> int:
 COMMANDS = {
     "agents": command_agents,
     "run": command_run,
+    "boxes": command_boxes,
+    "reproduce": command_reproduce,
     "serve": command_serve,
     "doctor": command_doctor,
     "images": command_images,

@@ -28,6 +28,7 @@ from lab.protocol.events import (
     BlockAcknowledged,
     ConsoleMessage,
     CoreHashReported,
+    ConnectionClosed,
     CoreInfoReported,
     ProtocolViolation,
     UpdateDownloaded,
@@ -62,6 +63,7 @@ class Reason(enum.StrEnum):
     CORE_NOT_LOADED = "the recovery core was not loaded"
     DOWNLOAD_FAILED = "the recovery core did not download and verify the update"
     TARGET_CHECK = "a check inside the target failed"
+    DISCONNECTED = "disconnected: the connection closed in the middle of the cycle"
 
 
 class Outcome(enum.StrEnum):
@@ -87,6 +89,31 @@ class Timeouts:
 
 
 @dataclasses.dataclass
+class CycleFaults:
+    """Server-side faults injected into one cycle; fault scenarios set these."""
+
+    #: Index of the native update block whose bytes are inverted on the way out.
+    corrupt_block: int | None = None
+    #: Send only this share (0..1) of the binary, with the full binary's hash.
+    truncate: float | None = None
+    wrong_final_hash: bool = False
+    #: HTTP status that the recovery download answers with instead of the binary.
+    download_status: int | None = None
+    download_bytes_per_second: float | None = None
+    #: Invert one byte in the middle of the download body; the hash stays the original's.
+    download_altered: bool = False
+    #: Serve the recovery download from this server instead of the control channel's.
+    download_server: LabServer | None = None
+    #: Runs when every native block is acknowledged, before the final hash is sent.
+    before_final_hash: Callable[[], None] | None = None
+    #: Runs before the last chunk of the recovery download is sent.
+    before_download_end: Callable[[], None] | None = None
+
+    def any_native(self) -> bool:
+        return self.corrupt_block is not None or self.truncate is not None or self.wrong_final_hash
+
+
+@dataclasses.dataclass
 class CycleOptions:
     mode: Mode = Mode.NATIVE
     count: int = 1
@@ -97,12 +124,17 @@ class CycleOptions:
     #: None compresses when the agent advertises the compression capability.
     compress: bool | None = False
     fault: Fault | None = None
+    faults: CycleFaults | None = None
+    #: Overrides the outcome that `expected_outcome` derives from the mode and the fault.
+    outcome: Outcome | None = None
     recovery_core: bytes | None = None
     #: Outcome of a recovery cycle when the agent is not a service (the local provider).
     recovery_outcome: Outcome = Outcome.UPDATED
     timeouts: Timeouts = dataclasses.field(default_factory=Timeouts)
 
     def expected_outcome(self) -> Outcome:
+        if self.outcome is not None:
+            return self.outcome
         if self.fault is Fault.WRONG_FINAL_HASH:
             return Outcome.REJECTED
         if self.mode is Mode.RECOVERY:
@@ -204,10 +236,17 @@ class AgentDriver:
                     self._record("protocol-error", description)
                 case CoreInfoReported(value=value):
                     self._record("core-info", value)
+                case ConnectionClosed(reason=reason):
+                    raise CycleFailure(Reason.DISCONNECTED, reason)
             yield timed.event
 
     async def _wait_connection(self, timeout: float) -> AgentConnection:
+        deadline = time.monotonic() + timeout
         connection = await self.server.next_connection(self.mesh_id, timeout)
+        # Skip connections that closed while they waited in the queue, such as the one an agent
+        # had open before its service was restarted.
+        while connection.closed.is_set():
+            connection = await self.server.next_connection(self.mesh_id, max(0.0, deadline - time.monotonic()))
         info = connection.session.info
         assert info is not None
         self._record(
@@ -232,13 +271,52 @@ class AgentDriver:
 
     # -- the run -------------------------------------------------------------------------------
 
+    async def connect(self) -> bytes:
+        """Wait for the agent's first connection and return the agent hash it reports.
+
+        Raises CycleFailure with `Reason.NO_CONNECTION` or `Reason.NO_HASH`.
+        """
+        seconds = self.options.timeouts.connect
+        try:
+            connection = await self._wait_connection(seconds)
+        except TimeoutError:
+            raise CycleFailure(Reason.NO_CONNECTION, f"within {seconds:.0f} s") from None
+        self._reported_hash = await self._request_hash(connection)
+        return self._reported_hash
+
+    async def current_hash(self, timeout: float) -> bytes | None:
+        """Return the hash the agent reports now, or None if it stays offline for `timeout` seconds.
+
+        Uses the open connection if the agent still has one, otherwise waits for it to reconnect.
+        """
+        self._cycle = None
+        connection = self._connection
+        if connection is not None and not connection.closed.is_set():
+            try:
+                self._reported_hash = await self._request_hash(connection)
+                return self._reported_hash
+            except CycleFailure:
+                pass
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                connection = await self._wait_connection(remaining)
+            except TimeoutError:
+                break
+            try:
+                self._reported_hash = await self._request_hash(connection)
+                return self._reported_hash
+            except CycleFailure:
+                continue
+        self._record("offline", f"no connection within {timeout:.0f} s")
+        return None
+
     async def run(self) -> list[CycleResult]:
         """Run every cycle and return the results; a failed cycle ends the run."""
         results: list[CycleResult] = []
         started = time.monotonic()
         try:
-            connection = await self._wait_connection(self.options.timeouts.connect)
-            self._reported_hash = await self._request_hash(connection)
+            await self.connect()
         except (TimeoutError, CycleFailure) as error:
             reason = error.reason if isinstance(error, CycleFailure) else Reason.NO_CONNECTION
             result = self._result(0, self.binary_for_cycle(0), started, None, FAILED, str(reason))
@@ -270,9 +348,10 @@ class AgentDriver:
             expected_outcome=str(self.options.expected_outcome()),
         )
 
-    async def run_cycle(self, index: int) -> CycleResult:
+    async def run_cycle(self, index: int, binary: AgentBinary | None = None) -> CycleResult:
+        """Run cycle `index`, updating to `binary` or else to `binary_for_cycle(index)`."""
         self._cycle = index
-        binary = self.binary_for_cycle(index)
+        binary = binary or self.binary_for_cycle(index)
         outcome = self.options.expected_outcome()
         started = time.monotonic()
         before = await asyncio.to_thread(self.probe.snapshot) if self.probe else {}
@@ -327,15 +406,25 @@ class AgentDriver:
         compress = self.options.compress
         if compress is None:
             compress = bool(connection.session.info.capabilities & Capability.COMPRESSION)
+        faults = self.options.faults or CycleFaults()
+        data = binary.data
+        if faults.truncate is not None:
+            data = data[: int(len(data) * faults.truncate)]
         update = NativeUpdate.for_binary(
-            binary.data,
+            data,
             binary.agent_hash,
             block_size=self.options.block_size,
             first_block_size=self.options.first_block_size,
             compress=compress,
         )
-        if self.options.fault is Fault.WRONG_FINAL_HASH:
+        if faults.truncate is not None and compress:
+            # The zip of a shortened binary has its own hash; keep the full binary's instead.
+            update.final_hash = NativeUpdate.for_binary(binary.data, binary.agent_hash, compress=True).final_hash
+        if self.options.fault is Fault.WRONG_FINAL_HASH or faults.wrong_final_hash:
             update.final_hash = bytes(reversed(update.final_hash))
+        if faults.corrupt_block is not None:
+            update.block_filter = _corrupting_filter(faults.corrupt_block)
+        update.before_final_hash = faults.before_final_hash
         connection.session.start_native_update(update)
         await connection.flush()
         started = connection.session.transfer_started_event()
@@ -420,10 +509,25 @@ class AgentDriver:
             if self.on_progress is not None:
                 self.on_progress(target, done, total)
 
-        self.server.downloads[token] = Download(binary.data, on_progress=progress)
-        url = self.server.download_url(token)
+        faults = self.options.faults or CycleFaults()
+        data = binary.data
+        if faults.truncate is not None:
+            data = data[: int(len(data) * faults.truncate)]
+        if faults.download_altered:
+            middle = len(data) // 2
+            data = data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :]
+        download = Download(
+            data,
+            status=faults.download_status or 200,
+            bytes_per_second=faults.download_bytes_per_second,
+            on_progress=progress,
+            before_last_chunk=faults.before_download_end,
+        )
+        server = faults.download_server or self.server
+        server.downloads[token] = download
+        url = server.download_url(token)
         file_hash = binary.file_hash
-        if self.options.fault is Fault.WRONG_FINAL_HASH:
+        if self.options.fault is Fault.WRONG_FINAL_HASH or faults.wrong_final_hash:
             file_hash = bytes(reversed(file_hash))
         connection.session.send_json(
             {
@@ -440,9 +544,8 @@ class AgentDriver:
         try:
             refused = await self._wait_downloaded(connection, outcome)
         finally:
-            download = self.server.downloads.pop(token, None)
-        requests = download.requests if download else 0
-        self._record("download-requests", str(requests))
+            server.downloads.pop(token, None)
+            self._record("download-requests", str(download.requests))
 
         if refused:
             # The recovery core checks that it runs as a service before it downloads anything.
@@ -465,6 +568,21 @@ class AgentDriver:
                     self._record("refused", "the recovery core does not update an agent that is not a service")
                     return True
                 raise CycleFailure(Reason.DOWNLOAD_FAILED, event.text)
-            if isinstance(event, ConsoleMessage) and "giving up" in event.text.lower():
+            if isinstance(event, ConsoleMessage) and any(phrase in event.text.lower() for phrase in _FINAL_DOWNLOAD_FAILURES):
                 raise CycleFailure(Reason.DOWNLOAD_FAILED, event.text)
         raise AssertionError("_events ends only by raising")
+
+
+#: Console messages after which the recovery core stops trying (1.1.55 recoverycore.js).
+_FINAL_DOWNLOAD_FAILURES = ("giving up", "certificate does not match", "problem trying to download")
+
+
+def _corrupting_filter(index: int) -> Callable[[int, bytes], bytes]:
+    """Return a block filter that inverts the first byte of block `index`."""
+
+    def corrupt(block_index: int, data: bytes) -> bytes:
+        if block_index != index or not data:
+            return data
+        return bytes([data[0] ^ 0xFF]) + data[1:]
+
+    return corrupt

@@ -32,6 +32,13 @@ class AgentAuthenticated:
 
 
 @dataclasses.dataclass(frozen=True)
+class ConnectionClosed:
+    """The connection ended; the last event a connection delivers."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
 class AgentHashReported:
     agent_hash: bytes
 
@@ -110,4 +117,5 @@ Event = (
     | UpdateDownloaded
     | JsonReceived
     | ProtocolViolation
+    | ConnectionClosed
 )

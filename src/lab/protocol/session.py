@@ -98,7 +98,8 @@ class NativeUpdate:
     `payload` is sent in blocks and `final_hash` closes the transfer. Normally the payload is
     the new binary and the hash is its agent hash. With `compressed`, the payload is the zip of
     the binary and the hash is the SHA-384 of the zip. Fault injection passes other values on purpose.
-    `block_filter` can rewrite each block before it is sent, given its index and data.
+    `block_filter` can rewrite each block before it is sent, given its index and data, and
+    `before_final_hash` runs once every block is acknowledged, just before the final hash is queued.
     """
 
     payload: bytes
@@ -108,6 +109,7 @@ class NativeUpdate:
     compressed: bool = False
     clear_core: bool = True
     block_filter: Callable[[int, bytes], bytes] | None = None
+    before_final_hash: Callable[[], None] | None = None
 
     @classmethod
     def for_binary(
@@ -267,6 +269,8 @@ class AgentSession:
             raise PeerProtocolError(f"update block acknowledgement has request id {request_id}, expected 1")
         events: list[Event] = [BlockAcknowledged(self._update_offset, len(update.payload))]
         if self._update_offset >= len(update.payload):
+            if update.before_final_hash is not None:
+                update.before_final_hash()
             self._outgoing.append(commands.build_agent_update_end(update.final_hash))
             self.transfer_state = TransferState.HASH_SENT
             events.append(UpdateHashSent(update.final_hash))

@@ -14,6 +14,7 @@ container's cgroup, so it does not write into the host's cgroup root.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import io
@@ -223,6 +224,9 @@ class DockerTarget(Target):
         try:
             stream, _ = self.container.get_archive(path)
         except docker.errors.NotFound as error:
+            # The archive API cannot see into tmpfs mounts, so ask the container itself.
+            if self.run(["test", "-f", path], check=False).ok:
+                return self._read_through_shell(path)
             raise FileNotFoundError(f"{self.name}: {path} not found") from error
         except docker.errors.APIError as error:
             raise ProviderError(f"{self.name}: cannot read {path}: {error.explanation or error}") from error
@@ -235,11 +239,14 @@ class DockerTarget(Target):
                 raise IsADirectoryError(f"{self.name}: {path} is a directory")
             if member.issym() or member.islnk():
                 # get_archive returns a symbolic link itself, so read its target through the shell.
-                return self.run(["cat", path]).output.encode()
+                return self._read_through_shell(path)
             extracted = tar.extractfile(member)
             if extracted is None:
                 raise ProviderError(f"{self.name}: {path} is not a regular file")
             return extracted.read()
+
+    def _read_through_shell(self, path: str) -> bytes:
+        return base64.b64decode(self.run(["base64", "-w", "0", path]).output)
 
     def logs(self, lines: int = 40) -> str:
         """Return the last `lines` lines of the container's console output."""
@@ -300,12 +307,25 @@ class DockerProvider(Provider):
         """Gateway address of the run network, where the lab server listens; creates the network."""
         return self.ensure_network().gateway
 
-    def create(self, target_name: str) -> DockerTarget:
+    def create(
+        self,
+        target_name: str,
+        *,
+        instance: str | None = None,
+        tmpfs: dict[str, str] | None = None,
+        cap_add: tuple[str, ...] = (),
+    ) -> DockerTarget:
+        """Start a container of `target_name` and wait until its init system has booted.
+
+        `instance` names the container when one run starts several of the same target. `tmpfs`
+        and `cap_add` add mounts and capabilities to the target's profile; fault scenarios use
+        them for small or read-only filesystems.
+        """
         recipe = images.load_recipe(target_name)
         profile = INIT_PROFILES[recipe.service_manager]
         image = self._ensure_image(recipe)
         network = self.ensure_network()
-        container_name = f"updatelab-{self.run_id}-{target_name}"
+        container_name = f"updatelab-{self.run_id}-{instance or target_name}"
 
         _remove_container(self.client, container_name)
         log.info("starting %s from %s on %s", container_name, image, network.name)
@@ -317,8 +337,8 @@ class DockerProvider(Provider):
                 hostname=target_name,
                 labels={**self.labels, LABEL_TARGET: target_name},
                 network=network.name,
-                cap_add=list(profile.cap_add),
-                tmpfs=dict(profile.tmpfs),
+                cap_add=sorted({*profile.cap_add, *cap_add}),
+                tmpfs={**profile.tmpfs, **(tmpfs or {})},
                 cgroupns="private" if profile.private_cgroupns else None,
                 environment={"container": "docker"},
                 # The embedded DNS server forwards unknown names to this upstream, which is the
@@ -332,7 +352,7 @@ class DockerProvider(Provider):
             raise TargetBootError(f"{target_name}: cannot start container from {image}: {error.explanation or error}") from error
 
         target = DockerTarget(container, target_name, network.gateway, recipe.service_manager, recipe)
-        self._targets[target_name] = target
+        self._targets[instance or target_name] = target
         self._wait_ready(target, profile)
         return target
 
@@ -341,7 +361,8 @@ class DockerProvider(Provider):
             _remove_container(self.client, target.container.id)
         else:
             _remove_container(self.client, f"updatelab-{self.run_id}-{target.name}")
-        self._targets.pop(target.name, None)
+        for key in [key for key, value in self._targets.items() if value is target]:
+            del self._targets[key]
 
     def destroy_all(self) -> None:
         clean(self.run_id, client=self.client)

@@ -22,7 +22,7 @@ import h11
 from lab.certs import ServerIdentity
 from lab.errors import LabError, PeerProtocolError
 from lab.protocol import frames
-from lab.protocol.events import AgentAuthenticated, Event, ProtocolViolation
+from lab.protocol.events import AgentAuthenticated, ConnectionClosed, Event, ProtocolViolation
 from lab.protocol.session import AgentSession
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ MAX_REQUEST_HEAD = 16 * 1024
 #: Connections that break the protocol this many times are closed.
 MAX_PROTOCOL_ERRORS = 50
 DOWNLOAD_CHUNK_SIZE = 64 * 1024
+#: Seconds to wait for a peer to answer the TLS close before dropping the connection.
+CLOSE_TIMEOUT = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,14 +53,16 @@ class TimedEvent:
 class Download:
     """A file that the recovery core downloads from ``/update/<token>``.
 
-    A `status` other than 200 is sent instead of the data, and `bytes_per_second` throttles
-    the body. Both exist for fault injection.
+    A `status` other than 200 is sent instead of the data, `bytes_per_second` throttles the
+    body, and `before_last_chunk` runs just before the last chunk goes out. They exist for fault
+    injection.
     """
 
     data: bytes
     status: int = 200
     bytes_per_second: float | None = None
     on_progress: Callable[[int, int], None] | None = None
+    before_last_chunk: Callable[[], None] | None = None
     requests: int = 0
 
 
@@ -131,6 +135,7 @@ class LabServer:
         self.protocol_errors = 0
         self.connection_count = 0
         self._server: asyncio.Server | None = None
+        self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: dict[bytes, asyncio.Queue[AgentConnection]] = collections.defaultdict(asyncio.Queue)
         self._ssl_context = identity.ssl_context()
@@ -148,9 +153,11 @@ class LabServer:
                 "Pick another --port, or stop the program that uses it."
             ) from error
         self.port = self._server.sockets[0].getsockname()[1]
+        self._closing = False
         logger.info("server listening on %s:%d", self.host, self.port)
 
     async def close(self) -> None:
+        self._closing = True
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -159,6 +166,13 @@ class LabServer:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         logger.info("server on %s:%d stopped", self.host, self.port)
+
+    async def restart(self, downtime: float) -> None:
+        """Stop listening and drop every connection, then listen again on the same port after `downtime` seconds."""
+        await self.close()
+        self._server = None
+        await asyncio.sleep(downtime)
+        await self.start()
 
     async def __aenter__(self) -> LabServer:
         await self.start()
@@ -207,11 +221,16 @@ class LabServer:
             # stream callback from logging the cancellation as an error.
             pass
         finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except (ConnectionError, ssl.SSLError):
-                pass
+            if self._closing:
+                # The agent may never answer the TLS close; do not wait for it.
+                writer.transport.abort()
+            else:
+                writer.close()
+                try:
+                    async with asyncio.timeout(CLOSE_TIMEOUT):
+                        await writer.wait_closed()
+                except (ConnectionError, ssl.SSLError, TimeoutError):
+                    writer.transport.abort()
             self._tasks.discard(task)
 
     async def _dispatch(
@@ -259,6 +278,8 @@ class LabServer:
         sent = 0
         while sent < total:
             chunk = download.data[sent : sent + DOWNLOAD_CHUNK_SIZE]
+            if sent + len(chunk) >= total and download.before_last_chunk is not None:
+                download.before_last_chunk()
             writer.write(parser.send(h11.Data(data=chunk)))
             await writer.drain()
             sent += len(chunk)
@@ -314,6 +335,8 @@ class LabServer:
         finally:
             connection.unmasked_frames = frame_reader.unmasked_frames
             connection.closed.set()
+            reason = connection.close_reason or "closed"
+            connection.events.put_nowait(TimedEvent(asyncio.get_running_loop().time(), connection.id, ConnectionClosed(reason)))
             logger.info(
                 "connection %d from %s closed: %s", connection.id, peer, connection.close_reason or "closed"
             )

@@ -1,0 +1,1 @@
+"""Fault injection: the network proxy, scenario files and the scenario runner."""
