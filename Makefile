@@ -6,7 +6,7 @@ LINUX_TARGETS ?= debian12-systemd,debian13-systemd,debian12-sysvinit,debian12-i3
 CYCLES ?= 3
 REPORT_DIR ?= runs/lab-linux
 
-.PHONY: setup test test-fast lab-linux images bench clean
+.PHONY: setup test test-fast lab-linux lab-faults images bench clean
 
 setup:
 	sh scripts/setup.sh
@@ -31,6 +31,15 @@ lab-linux:
 	$(LAB) images build
 	$(LAB) run --provider docker --targets $(LINUX_TARGETS) --mode native,recovery \
 		--cycles $(CYCLES) --expectations expectations.toml --report-dir $(REPORT_DIR)
+
+# Every fault scenario in scenarios/ against the real agent; exits 0 when each one observed
+# what it expects.
+FAULTS_REPORT_DIR ?= runs/lab-faults
+lab-faults:
+	$(LAB) agents fetch >/dev/null
+	$(LAB) agents fetch --version 0.7.99 >/dev/null
+	$(LAB) images build debian12-systemd debian12-sysvinit
+	$(LAB) reproduce scenarios --report-dir $(FAULTS_REPORT_DIR)
 
 bench:
 	$(PYTHON) bench/bench_native.py

@@ -236,6 +236,7 @@ def command_run(args: argparse.Namespace) -> int:
 
     with Display(console) as display:
         for options in options_by_mode.values():
+            display.plan("local", str(options.mode), options.count)
             asyncio.run(run_local(binaries, options, report, port=args.port, keep=args.keep,
                                   report_dir=args.report_dir, display=display))
     return _finish(report, args.report_dir)

@@ -90,7 +90,7 @@ class TargetRow:
 
 
 class Display:
-    """Renders the progress of a run to `console`.
+    """The progress display of a run, written to `console`.
 
     `event` and `transfer` receive the driver's callbacks. Use the display as a context manager,
     which starts and stops the live panel. The panel is used when `live` is true, or by default

@@ -385,6 +385,10 @@ class AgentDriver:
         return result
 
     async def _add_evidence(self, result: CycleResult) -> None:
+        # Evidence files are the target's current logs and files, so each collection replaces
+        # the one before: collect after a failure, which ends the run, and after the last cycle.
+        if result.passed and result.index < self.options.count - 1:
+            return
         if self.probe is not None:
             try:
                 result.evidence = await asyncio.to_thread(self.probe.collect_evidence, result.index)

@@ -43,6 +43,9 @@ SERVICE_NAME = "labagent"
 INSTALL_DIR = f"/usr/local/mesh_services/{SERVICE_NAME}"
 INSTALLED_BINARY = f"{INSTALL_DIR}/meshagent"
 STAGING_BINARY = "/root/meshagent"
+#: Seconds the installed agent has to show up as a process before the lab reports it missing.
+AGENT_START_SECONDS = 10.0
+NO_AGENT_RUNNING = "no agent running"
 
 
 def state_root() -> Path:
@@ -222,6 +225,24 @@ async def _run_entry(
         status = await asyncio.to_thread(manager.status, SERVICE_NAME)
         display.event(label, None, "deploy", f"{binaries[0].path.name} installed; {manager.name} reports {status.state}")
         report.targets[label] = {"provider": "docker", "container": target.container.name, "service_manager": manager.name, "service_state": status.state}
+        pids = await _wait_for_agent_process(manager)
+        if not pids:
+            # Say so now instead of waiting for a connection that cannot come.
+            status = await asyncio.to_thread(manager.status, SERVICE_NAME)
+            reason = (
+                f"{NO_AGENT_RUNNING}: the installer finished, but no {INSTALLED_BINARY} process runs "
+                f"after {AGENT_START_SECONDS:.0f} s ({manager.name} reports {status.state}; see install.log)"
+            )
+            probe = ContainerProbe(target, manager, entry.mode, evidence_dir)
+            evidence = await asyncio.to_thread(probe.collect_evidence, 0)
+            report.cycles.append(
+                CycleResult(label, 0, str(entry.mode), binaries[0].agent_hash.hex(), None, 0.0, FAILED, reason,
+                            evidence=evidence + [str(evidence_dir / "install.log")])
+            )
+            report.add_event(label, 0, "verdict", f"failed: {reason}")
+            display.event(label, 0, "verdict", f"failed: {reason}")
+            failed = True
+            return
 
         probe = ContainerProbe(target, manager, entry.mode, evidence_dir)
         driver = AgentDriver(
@@ -246,6 +267,16 @@ async def _run_entry(
                 await asyncio.to_thread(provider.destroy, target)
                 state.step(label, "destroyed")
                 display.event(label, None, "teardown", "container removed")
+
+
+async def _wait_for_agent_process(manager: ServiceManager) -> list[int]:
+    """Return the agent's PIDs once one runs, or an empty list after AGENT_START_SECONDS."""
+    deadline = time.monotonic() + AGENT_START_SECONDS
+    while True:
+        pids = await asyncio.to_thread(manager.agent_pids, SERVICE_NAME, INSTALLED_BINARY)
+        if pids or time.monotonic() > deadline:
+            return pids
+        await asyncio.sleep(0.5)
 
 
 def _container_options(options: CycleOptions) -> CycleOptions:
@@ -324,6 +355,8 @@ def run_docker_matrix(
     report.settings["run_id"] = run_id
     entries = [MatrixEntry(name, mode) for name in buildable for mode in options_by_mode]
     with Display(console) as display:
+        for entry in entries:
+            display.plan(f"{entry.target}/{entry.mode}", str(entry.mode), args.cycles)
         for name in buildable:
             with console.status(f"checking image {name} …") as status:
                 images.build(name, progress=lambda event, status=status: status.update(f"{event.target}: {event.step}: {event.message[:80]}"))

@@ -642,6 +642,9 @@ def reproduce(scenarios: list[Scenario], *, report_dir: Path | None, parallel: i
     run_dir = report_dir or (docker_run.state_root() / run_id)
     report = Report(settings={"run_id": run_id, "command": "reproduce", "scenarios": [str(s.path) for s in scenarios]})
     with Display(console) as display:
+        for scenario in scenarios:
+            clean = Outcome.NEXT_CYCLE_SUCCEEDS in scenario.outcomes
+            display.plan(scenario.name, scenario.mode, scenario.cycles + int(clean))
         for target in sorted({scenario.target for scenario in scenarios}):
             with console.status(f"checking image {target} …") as status:
                 images.build(target, progress=lambda event, status=status: status.update(f"{event.target}: {event.step}: {event.message[:80]}"))
