@@ -112,7 +112,7 @@ def test_invalid_toml_and_missing_file(tmp_path):
 
 
 def test_folder_without_scenarios(tmp_path):
-    with pytest.raises(ConfigError, match="holds no scenario files"):
+    with pytest.raises(ConfigError, match="contains no scenario files"):
         scenario.load_many([tmp_path])
 
 

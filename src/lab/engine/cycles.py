@@ -247,6 +247,9 @@ class AgentDriver:
         # had open before its service was restarted.
         while connection.closed.is_set():
             connection = await self.server.next_connection(self.mesh_id, max(0.0, deadline - time.monotonic()))
+        return self._take_connection(connection)
+
+    def _take_connection(self, connection: AgentConnection) -> AgentConnection:
         info = connection.session.info
         assert info is not None
         self._record(
@@ -259,10 +262,10 @@ class AgentDriver:
         self._connection = connection
         return connection
 
-    async def _request_hash(self, connection: AgentConnection) -> bytes:
+    async def _request_hash(self, connection: AgentConnection, seconds: float | None = None) -> bytes:
         connection.session.request_agent_hash()
         await connection.flush()
-        seconds = self.options.timeouts.hash_reply
+        seconds = seconds if seconds is not None else self.options.timeouts.hash_reply
         async for event in self._events(connection, seconds, CycleFailure(Reason.NO_HASH, f"after {seconds:.0f} s")):
             if isinstance(event, AgentHashReported):
                 self._record("agent-hash", event.agent_hash.hex())
@@ -290,25 +293,25 @@ class AgentDriver:
         Uses the open connection if the agent still has one, otherwise waits for it to reconnect.
         """
         self._cycle = None
-        connection = self._connection
-        if connection is not None and not connection.closed.is_set():
-            try:
-                self._reported_hash = await self._request_hash(connection)
-                return self._reported_hash
-            except CycleFailure:
-                pass
         deadline = time.monotonic() + timeout
         while (remaining := deadline - time.monotonic()) > 0:
+            connection = self._connection
+            newer = self.server.pending_connection(self.mesh_id)
+            if newer is not None and not newer.closed.is_set():
+                connection = self._take_connection(newer)
+            elif connection is None or connection.closed.is_set():
+                try:
+                    connection = await self._wait_connection(remaining)
+                except TimeoutError:
+                    break
+            # An open connection may belong to an agent that is busy, for example sleeping in
+            # its write path, so keep asking on it until the time is up.
             try:
-                connection = await self._wait_connection(remaining)
-            except TimeoutError:
-                break
-            try:
-                self._reported_hash = await self._request_hash(connection)
+                self._reported_hash = await self._request_hash(connection, min(remaining, self.options.timeouts.hash_reply))
                 return self._reported_hash
             except CycleFailure:
                 continue
-        self._record("offline", f"no connection within {timeout:.0f} s")
+        self._record("offline", f"no answer from the agent within {timeout:.0f} s")
         return None
 
     async def run(self) -> list[CycleResult]:

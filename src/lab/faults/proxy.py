@@ -63,6 +63,8 @@ class _Link:
     def abort(self) -> None:
         """Close both sides with a TCP reset rather than an orderly shutdown."""
         for writer in (self.agent, self.server):
+            if writer.transport.is_closing():
+                continue
             raw = writer.get_extra_info("socket")
             if raw is not None:
                 with contextlib.suppress(OSError):

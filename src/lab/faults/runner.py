@@ -1,9 +1,9 @@
 """Run fault scenarios against the real agent in containers and judge what it did.
 
 Each scenario gets its own container, its own lab server on the run network's gateway and, for
-network faults, its own proxy. The runner installs the `from` agent as a service, arms the fault,
-runs the faulted cycles towards the `to` agent, and then observes where the agent ended up: which
-binary it reports, whether the service runs, whether an .update file stayed behind. If the
+network faults, its own proxy. The runner installs the `from` agent as a service, arms the fault
+and runs the faulted cycles towards the `to` agent. It then observes where the agent ended up:
+which binary it reports, whether the service runs, whether an .update file stayed behind. If the
 scenario expects it, the fault is then undone and one clean cycle must succeed.
 
 A watchdog bounds every scenario. When it fires, the runner records how long the agent had been
@@ -57,8 +57,6 @@ FILLER = f"{MESH_ROOT}/updatelab-filler"
 SCENARIO_TIMEOUTS = Timeouts(
     connect=30, hash_reply=15, block_ack=20, restart=20, reconnect=45, rejection=5, core_load=20, download=100
 )
-#: Seconds to wait for the agent to come back after the faulted cycles.
-SETTLE_SECONDS = 45.0
 
 _EVENT_STEPS = {
     "cycle-start": Step.BEFORE_CYCLE,
@@ -71,7 +69,7 @@ _EVENT_STEPS = {
 
 @dataclasses.dataclass
 class ScenarioResult:
-    """What one scenario expected, what it observed, and the verdict."""
+    """The expected outcomes, the observations and the verdict of one scenario."""
 
     name: str
     file: str
@@ -112,7 +110,7 @@ def container_options(scenario: Scenario) -> tuple[dict[str, str], tuple[str, ..
     tmpfs: dict[str, str] = {}
     caps: list[str] = []
     if kind in ("disk-full", "immutable-binary"):
-        # Docker mounts a tmpfs noexec unless told otherwise; the agent runs from here.
+        # Docker mounts a tmpfs noexec by default, and the agent runs from here.
         tmpfs[MESH_ROOT] = "size=32m,exec,mode=755"
     if kind == "read-only-install-dir":
         caps.append("SYS_ADMIN")  # for the read-only bind mount made inside the container
@@ -254,8 +252,8 @@ class ScenarioRun:
                 )
                 text = f"filled {MESH_ROOT}, {free} KiB left"
             case "read-only-install-dir":
-                # A fresh bind mount has no open files, so it can turn read-only at once; remounting
-                # the filesystem itself fails while the agent holds files open for writing.
+                # A fresh bind mount has no open files, so it can turn read-only at once. Remounting
+                # the filesystem itself fails while the agent has files open for writing.
                 command = f"mount --bind {INSTALL_DIR} {INSTALL_DIR} && mount -o remount,bind,ro {INSTALL_DIR}"
                 text = f"{INSTALL_DIR} made read-only with a bind mount"
             case "immutable-binary":
@@ -413,7 +411,7 @@ class ScenarioRun:
         waited = bool(self.result.cycles) and self.result.cycles[-1]["reason"].startswith(
             (str(Reason.NO_RECONNECT), str(Reason.NO_CONNECTION))
         )
-        current = await self.driver.current_hash(5.0 if waited else SETTLE_SECONDS)
+        current = await self.driver.current_hash(5.0 if waited else scenario.settle)
         self._observe_hash(current, old, new, installed)
         await asyncio.to_thread(self._observe_target)
 
@@ -426,7 +424,7 @@ class ScenarioRun:
         if current is None:
             self.record("recover", f"starting the {SERVICE_NAME} service again for the clean cycle")
             await asyncio.to_thread(self.manager.restart, SERVICE_NAME)
-            current = await self.driver.current_hash(SETTLE_SECONDS)
+            current = await self.driver.current_hash(self.scenario.settle)
             if current is None:
                 self.result.reason = "the agent did not come back for the clean cycle"
                 return
@@ -443,7 +441,7 @@ class ScenarioRun:
     def _observe_hash(self, current: bytes | None, old: AgentBinary, new: AgentBinary, installed: bytes) -> None:
         observed = self.result.observed
         if current is None:
-            observed[Outcome.OFFLINE] = f"no connection within {SETTLE_SECONDS:.0f} s after the faulted cycle"
+            observed[Outcome.OFFLINE] = f"no answer within {self.scenario.settle:g} s after the faulted cycle"
         elif current == new.agent_hash:
             observed[Outcome.UPDATED] = f"reports the new hash {current.hex()[:12]}"
         elif current == installed:

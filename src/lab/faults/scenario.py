@@ -66,7 +66,7 @@ class Outcome(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True)
 class FaultKind:
-    """How a fault kind is configured: its side, parameters, default step and allowed modes."""
+    """The configuration of a fault kind: its side, parameters, default step and allowed modes."""
 
     side: str  # proxy, server or target
     parameters: dict[str, type]
@@ -109,7 +109,9 @@ FAULT_KINDS: dict[str, FaultKind] = {
     "append-byte": FaultKind("target", {}, Step.DEPLOYED, (Step.DEPLOYED,)),
 }
 
-_TOP_FIELDS = {"description", "target", "from", "to", "mode", "cycles", "watchdog", "slow", "fault", "expect", "known_failure"}
+_TOP_FIELDS = {
+    "description", "target", "from", "to", "mode", "cycles", "watchdog", "settle", "slow", "fault", "expect", "known_failure",
+}
 _VERSION = re.compile(r"^(?P<version>\d+\.\d+\.\d+)(?:\+(?P<extra>\d+))?$")
 
 
@@ -164,6 +166,7 @@ class Scenario:
     mode: str
     cycles: int
     watchdog: float
+    settle: float
     slow: bool
     fault: Fault
     outcomes: tuple[Outcome, ...]
@@ -198,6 +201,11 @@ def load(path: Path) -> Scenario:
     watchdog = float(_field(data, "watchdog", (int, float), where, 120))
     if not 10 <= watchdog <= 900:
         raise ConfigError(f"{where}: watchdog is {watchdog:g} seconds; allowed values are 10 to 900")
+    settle = float(_field(data, "settle", (int, float), where, 45))
+    if not 5 <= settle <= 600:
+        raise ConfigError(f"{where}: settle is {settle:g} seconds; allowed values are 5 to 600")
+    if settle >= watchdog:
+        raise ConfigError(f"{where}: settle ({settle:g} s) must be shorter than watchdog ({watchdog:g} s)")
     slow = _field(data, "slow", bool, where, False)
 
     fault = _load_fault(_field(data, "fault", dict, where), mode, f"{where}: [fault]")
@@ -210,7 +218,7 @@ def load(path: Path) -> Scenario:
         )
     if from_version == to_version and fault.kind != "append-byte":
         raise ConfigError(
-            f"{where}: from and to are both {from_version}, so an update could not be told from none; "
+            f"{where}: from and to are both {from_version}, so an update could not be distinguished from none; "
             f"make them differ, e.g. to = \"{from_version.version}+{from_version.appended + 1}\""
         )
     expect = _field(data, "expect", dict, where)
@@ -251,6 +259,7 @@ def load(path: Path) -> Scenario:
         mode=mode,
         cycles=cycles,
         watchdog=watchdog,
+        settle=settle,
         slow=slow,
         fault=fault,
         outcomes=tuple(outcomes),
@@ -265,7 +274,7 @@ def load_many(paths: list[Path]) -> list[Scenario]:
         if path.is_dir():
             found = sorted(path.glob("*.toml"))
             if not found:
-                raise ConfigError(f"{path} holds no scenario files (*.toml)")
+                raise ConfigError(f"{path} contains no scenario files (*.toml)")
             files += found
         else:
             files.append(path)

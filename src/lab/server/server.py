@@ -36,7 +36,7 @@ MAX_REQUEST_HEAD = 16 * 1024
 #: Connections that break the protocol this many times are closed.
 MAX_PROTOCOL_ERRORS = 50
 DOWNLOAD_CHUNK_SIZE = 64 * 1024
-#: Seconds to wait for a peer to answer the TLS close before dropping the connection.
+#: Seconds to wait for a peer to complete the TLS close before dropping the connection.
 CLOSE_TIMEOUT = 2.0
 
 
@@ -89,9 +89,12 @@ class AgentConnection:
         return info.mesh_id if info else None
 
     async def flush(self) -> None:
-        """Send every message that the session has queued."""
-        if self._send is not None:
-            await self._send()
+        """Send every message that the session has queued; a closed connection drops them."""
+        if self._send is not None and not self.closed.is_set():
+            try:
+                await self._send()
+            except (ConnectionError, ssl.SSLError) as error:
+                logger.debug("connection %d: send failed: %r", self.id, error)
 
     async def next_event(self, timeout: float) -> TimedEvent:
         """Return the next event, or raise TimeoutError after `timeout` seconds."""
@@ -190,6 +193,11 @@ class LabServer:
 
     # -- routing -------------------------------------------------------------------------------
 
+    def pending_connection(self, mesh_id: bytes) -> AgentConnection | None:
+        """Return the oldest authenticated connection of this MeshID not yet taken, or None."""
+        queue = self._waiting[mesh_id]
+        return None if queue.empty() else queue.get_nowait()
+
     async def next_connection(self, mesh_id: bytes, timeout: float) -> AgentConnection:
         """Return the next authenticated connection of the agent with this MeshID.
 
@@ -222,14 +230,17 @@ class LabServer:
             pass
         finally:
             if self._closing:
-                # The agent may never answer the TLS close; do not wait for it.
-                writer.transport.abort()
+                # The agent may never complete the TLS close, so do not wait for it.
+                if not writer.transport.is_closing():
+                    writer.transport.abort()
             else:
                 writer.close()
                 try:
                     async with asyncio.timeout(CLOSE_TIMEOUT):
                         await writer.wait_closed()
-                except (ConnectionError, ssl.SSLError, TimeoutError):
+                except (ConnectionError, ssl.SSLError):
+                    pass  # the connection is already gone
+                except TimeoutError:
                     writer.transport.abort()
             self._tasks.discard(task)
 
@@ -273,7 +284,13 @@ class LabServer:
 
         total = len(download.data)
         logger.info("%s: download %s started, %d bytes", peer, token, total)
-        headers = [(b"content-type", b"application/octet-stream"), (b"content-length", str(total).encode())]
+        # The server closes the connection after one response, and the header tells the client
+        # not to reuse it.
+        headers = [
+            (b"content-type", b"application/octet-stream"),
+            (b"content-length", str(total).encode()),
+            (b"connection", b"close"),
+        ]
         writer.write(parser.send(h11.Response(status_code=200, headers=headers)))
         sent = 0
         while sent < total:
