@@ -168,3 +168,54 @@ def test_cycle_faults_default_to_none():
     faults = CycleFaults()
     assert not faults.any_native()
     assert dataclasses.replace(faults, corrupt_block=0).any_native()
+
+
+def test_current_hash_waits_for_a_busy_agent():
+    async def case():
+        identity = generate_identity([HOST])
+        async with LabServer(identity, HOST) as server:
+            agent = AgentDouble(server_id=identity.server_id, mesh_id=os.urandom(48), identity=node_identity(0))
+            client = await AgentClient.connect(HOST, server.port, agent)
+            await client.send_messages(agent.opening_messages())
+            serving = asyncio.create_task(serve_forever(client))
+            options = CycleOptions(timeouts=Timeouts(connect=TIMEOUT, hash_reply=1))
+            driver = AgentDriver(server=server, mesh_id=agent.mesh_id, target="double",
+                                 binaries=[binary(b"old", "old")], options=options, report=Report())
+            assert await driver.connect() == agent.agent_hash
+
+            # The double stops reading, as an agent asleep in its write path does, and wakes
+            # up after 3 s. Each request times out after 1 s, so the driver has to ask again.
+            serving.cancel()
+            loop = asyncio.get_running_loop()
+
+            async def wake_up_later() -> None:
+                await asyncio.sleep(3)
+                await serve_forever(client)
+
+            waking = asyncio.create_task(wake_up_later())
+            started = loop.time()
+            assert await driver.current_hash(10) == agent.agent_hash
+            assert loop.time() - started >= 2.5
+            waking.cancel()
+            await client.close()
+
+
+def test_current_hash_gives_up_on_silence():
+    async def case():
+        identity = generate_identity([HOST])
+        async with LabServer(identity, HOST) as server:
+            agent = AgentDouble(server_id=identity.server_id, mesh_id=os.urandom(48), identity=node_identity(0))
+            client = await AgentClient.connect(HOST, server.port, agent)
+            await client.send_messages(agent.opening_messages())
+            serving = asyncio.create_task(serve_forever(client))
+            options = CycleOptions(timeouts=Timeouts(connect=TIMEOUT, hash_reply=1))
+            report = Report()
+            driver = AgentDriver(server=server, mesh_id=agent.mesh_id, target="double",
+                                 binaries=[binary(b"old", "old")], options=options, report=report)
+            await driver.connect()
+            serving.cancel()
+            assert await driver.current_hash(2.5) is None
+            assert report.timeline[-1].kind == "offline"
+            await client.close()
+
+    run(case())
