@@ -313,6 +313,29 @@ def test_cli_one_cycle(tmp_path: Path) -> None:
     assert agent_folders(temp_dir) == []
 
 
+def test_cli_network_faults_through_proxy(tmp_path: Path) -> None:
+    temp_dir = tmp_path / "tmp"
+    report_dir = tmp_path / "reset"
+    # The first connection is reset in the middle of the update; the real agent must notice.
+    command = cli_command() + ["run", "--cycles", "1", "--net-reset-after", "1000000", "--report-dir", str(report_dir)]
+    result = subprocess.run(command, env=cli_environment(temp_dir), capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["cycles"][0]["reason"].startswith("disconnected")
+    faults = [entry["detail"] for entry in report["timeline"] if entry["kind"] == "fault"]
+    assert any(detail.startswith("proxy-reset: connection 1: reset after 1000000 bytes") for detail in faults)
+    assert report["settings"]["network_faults"]["reset_after_bytes"] == 1000000
+
+    # Latency and a rate cap slow the update down but must not break it.
+    report_dir = tmp_path / "slow"
+    command = cli_command() + ["run", "--cycles", "1", "--net-latency", "50", "--net-rate", "2000000", "--report-dir", str(report_dir)]
+    result = subprocess.run(command, env=cli_environment(temp_dir), capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((report_dir / "report.json").read_text())
+    assert report["cycles"][0]["verdict"] == PASSED
+    assert agent_folders(temp_dir) == []
+
+
 BAD_INPUT = {
     "binary-missing": (["--binary", "/nonexistent"], ["--binary /nonexistent", "file not found"]),
     "binary-not-agent": (["--binary", "/bin/ls"], ["--binary /bin/ls", "not a MeshAgent build"]),

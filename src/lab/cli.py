@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ from lab.display import Display, summary_table
 from lab.engine.cycles import CycleOptions, Fault, Mode, Timeouts
 from lab.engine.report import Report
 from lab.errors import ConfigError, LabError
+from lab.faults.proxy import ProxyFaults
 from lab.protocol.commands import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 
 # Wide enough for the summary table when the output goes to a file or a CI log.
@@ -49,6 +51,7 @@ def _integer_in_range(what: str, low: int, high: int | None, unit: str = "") -> 
 _block_size = _integer_in_range("block size", MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, " bytes")
 _port = _integer_in_range("port", 0, 65535)
 _non_negative = _integer_in_range("number", 0, None)
+_positive = _integer_in_range("number", 1, None)
 
 
 def _add_cycle_options(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +71,13 @@ def _add_cycle_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--reconnect-timeout", type=float, default=45.0, help="seconds to wait for the agent to reconnect (default: 45)")
     group.add_argument("--stall-timeout", type=float, default=30.0, help="seconds to wait for a block acknowledgement (default: 30)")
     group.add_argument("--report-dir", type=Path, help="write report.json, junit.xml and evidence here")
+    network = parser.add_argument_group("network faults (the agent connects through a fault proxy)")
+    network.add_argument("--net-reset-after", type=_positive, metavar="BYTES", help="reset the connection once this many bytes went to the agent")
+    network.add_argument("--net-stall-after", type=_positive, metavar="BYTES", help="stall the connection once this many bytes went to the agent")
+    network.add_argument("--net-stall-seconds", type=float, default=10.0, metavar="S", help="length of the stall in seconds (default: 10)")
+    network.add_argument("--net-latency", type=_non_negative, default=0, metavar="MS", help="latency added to every chunk, in ms")
+    network.add_argument("--net-rate", type=_positive, metavar="BYTES_PER_S", help="cap the rate towards the agent, in bytes per second")
+    network.add_argument("--net-faulty-connections", type=_positive, default=1, metavar="N", help="connections that get the reset or the stall, from the first (default: 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="provision targets, run update cycles, judge and report them")
     run.add_argument("--provider", choices=("local", "docker", "vagrant"), default="local", help="where the agent runs (default: local)")
     run.add_argument("--targets", help="comma-separated targets: images/ names for docker (default: debian12-systemd), boxes/ names for vagrant (default: debian12-vm)")
-    run.add_argument("--boot-timeout", type=_integer_in_range("boot timeout", 30, None, " s"), default=600, help="seconds a VM may take to boot until SSH answers (vagrant provider, default: 600)")
+    run.add_argument("--boot-timeout", type=_integer_in_range("boot timeout", 5, None, " s"), default=600, help="seconds a VM may take to boot until SSH answers (vagrant provider, default: 600)")
     run.add_argument("--port", type=_port, default=0, help="server port (default: a free port)")
     run.add_argument("--keep", action="store_true", help="keep failed targets for inspection")
     run.add_argument("--parallel", type=int, default=2, help="targets run at once (docker provider, default: 2)")
@@ -203,6 +213,22 @@ def cycle_options(args: argparse.Namespace, mode: Mode) -> CycleOptions:
     )
 
 
+def network_faults(args: argparse.Namespace) -> ProxyFaults | None:
+    """Return the proxy faults that the --net-* options ask for, or None when there are none."""
+    if not (args.net_reset_after or args.net_stall_after or args.net_latency or args.net_rate):
+        return None
+    if args.net_stall_seconds <= 0:
+        raise ConfigError(f"--net-stall-seconds {args.net_stall_seconds:g} must be more than 0")
+    return ProxyFaults(
+        reset_after_bytes=args.net_reset_after,
+        stall_after_bytes=args.net_stall_after,
+        stall_seconds=args.net_stall_seconds if args.net_stall_after else 0.0,
+        latency_ms=args.net_latency,
+        bytes_per_second=args.net_rate,
+        connections=args.net_faulty_connections,
+    )
+
+
 def _finish(report: Report, report_dir: Path | None) -> int:
     console.print(summary_table(report))
     if report_dir is not None:
@@ -221,6 +247,10 @@ def command_run(args: argparse.Namespace) -> int:
     report = Report(settings={"provider": args.provider, "modes": [str(m) for m in modes], "cycles": args.cycles,
                               "block_size": args.block_size, "binaries": [str(b.path) for b in binaries]})
     options_by_mode = {mode: cycle_options(args, mode) for mode in modes}
+    # The runners read the proxy faults from here, so they need not parse the --net-* options.
+    args.network = network_faults(args)
+    if args.network is not None:
+        report.settings["network_faults"] = dataclasses.asdict(args.network)
     if args.targets is None:
         args.targets = "debian12-vm" if args.provider == "vagrant" else "debian12-systemd"
     if args.provider == "vagrant":
@@ -238,7 +268,7 @@ def command_run(args: argparse.Namespace) -> int:
         for options in options_by_mode.values():
             display.plan("local", str(options.mode), options.count)
             asyncio.run(run_local(binaries, options, report, port=args.port, keep=args.keep,
-                                  report_dir=args.report_dir, display=display))
+                                  report_dir=args.report_dir, display=display, network=args.network))
     return _finish(report, args.report_dir)
 
 

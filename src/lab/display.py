@@ -39,10 +39,15 @@ _SHOWN = {
     "provision",
     "deploy",
     "teardown",
+    "fault",
+    "fault-undone",
+    "watchdog",
+    "observed",
+    "lab-error",
 }
 
 # Event kinds that also print as lines above the live panel.
-_LINES_ABOVE_PANEL = {"verdict", "protocol-error", "refused", "rejected", "teardown"}
+_LINES_ABOVE_PANEL = {"verdict", "protocol-error", "refused", "rejected", "teardown", "fault", "watchdog", "lab-error"}
 
 # The step a row shows after each event kind; kinds not listed leave the step unchanged.
 _STEPS = {
@@ -61,6 +66,8 @@ _STEPS = {
     "rejected": "update rejected, old binary kept",
     "protocol-error": "protocol error",
     "offline": "agent offline",
+    "fault": "fault injected",
+    "watchdog": "watchdog fired",
     "teardown": "torn down",
 }
 

@@ -97,7 +97,7 @@ class CycleFaults:
     #: Send only this share (0..1) of the binary, with the full binary's hash.
     truncate: float | None = None
     wrong_final_hash: bool = False
-    #: HTTP status that the recovery download answers with instead of the binary.
+    #: HTTP status that the recovery download responds with instead of the binary.
     download_status: int | None = None
     download_bytes_per_second: float | None = None
     #: Invert one byte in the middle of the download body; the hash stays the original's.

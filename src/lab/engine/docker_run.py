@@ -32,6 +32,7 @@ from lab.engine.expectations import Expectations, judge_matrix
 from lab.engine.local_run import agent_msh
 from lab.engine.report import FAILED, CycleResult, Report
 from lab.errors import ConfigError, LabError
+from lab.faults.proxy import proxied
 from lab.providers import docker as docker_provider
 from lab.providers.docker import DockerProvider, DockerTarget
 from lab.server.server import LabServer
@@ -227,7 +228,7 @@ async def _run_entry(
         report.targets[label] = {"provider": "docker", "container": target.container.name, "service_manager": manager.name, "service_state": status.state}
         pids = await _wait_for_agent_process(manager)
         if not pids:
-            # Say so now instead of waiting for a connection that cannot come.
+            # Report it now instead of waiting for a connection that cannot come.
             status = await asyncio.to_thread(manager.status, SERVICE_NAME)
             reason = (
                 f"{NO_AGENT_RUNNING}: the installer finished, but no {INSTALLED_BINARY} process runs "
@@ -296,7 +297,9 @@ async def _run_matrix(entries: list[MatrixEntry], args: argparse.Namespace, opti
         gateway = await asyncio.to_thread(lambda: provider.server_address)
         state.step("network", f"created {provider.network_name}, gateway {gateway}")
         identity = await asyncio.to_thread(generate_identity, [gateway])
-        async with LabServer(identity, gateway, args.port) as server:
+        async with LabServer(identity, gateway, args.port) as server, proxied(
+            server, getattr(args, "network", None), lambda kind, detail: report.add_event("proxy", None, "fault", f"{kind}: {detail}")
+        ):
             report.settings["server"] = server.agent_url
             limit = asyncio.Semaphore(max(1, args.parallel))
 

@@ -11,10 +11,17 @@ from lab.certs import generate_identity
 from lab.display import Display
 from lab.engine.cycles import AgentDriver, CycleOptions, Mode, Outcome
 from lab.engine.report import Report
+from lab.faults.proxy import ProxyFaults, proxied
 from lab.providers.local import LocalAgent
 from lab.server.server import LabServer
 
 LOCAL_SERVICE_NAME = "updatelab-local"
+
+
+def _record_fault(report: Report, display: Display | None, detail: str) -> None:
+    report.add_event("local", None, "fault", detail)
+    if display is not None:
+        display.event("local", None, "fault", detail)
 
 
 def agent_msh(server: LabServer, mesh_id: bytes, service_name: str) -> dict[str, str]:
@@ -39,18 +46,21 @@ async def run_local(
     keep: bool = False,
     report_dir: Path | None = None,
     display: Display | None = None,
+    network: ProxyFaults | None = None,
 ) -> Report:
     """Start the server on loopback, run the agent in console mode, and drive its cycles.
 
     The agent is stopped and its folder removed on every exit path, Ctrl-C included, unless
-    `keep` is set.
+    `keep` is set. With `network`, the agent connects through a fault proxy on loopback.
     """
     if options.mode is Mode.RECOVERY:
         options = dataclasses.replace(options, recovery_outcome=Outcome.CONSOLE_REFUSAL)
     identity = generate_identity(["127.0.0.1"])
     mesh_id = os.urandom(48)
     target = "local"
-    async with LabServer(identity, "127.0.0.1", port) as server:
+    async with LabServer(identity, "127.0.0.1", port) as server, proxied(
+        server, network, lambda kind, detail: _record_fault(report, display, f"{kind}: {detail}")
+    ):
         evidence = report_dir / target if report_dir else None
         agent = LocalAgent(binaries[0], agent_msh(server, mesh_id, LOCAL_SERVICE_NAME), keep=keep, evidence_dir=evidence)
         report.targets[target] = {"provider": "local", "folder": str(agent.folder), "server": server.agent_url}

@@ -2,8 +2,8 @@
 
 The agent's .msh points at the proxy instead of the server. The proxy relays bytes in both
 directions without looking into TLS, so it works with every provider. Its faults apply to the
-first `ProxyFaults.connections` connections; later ones pass untouched, so an agent that
-reconnects after a fault gets a clean path and the next cycle can succeed.
+first `ProxyFaults.connections` connections, and later ones pass untouched. An agent that
+reconnects after a fault therefore gets a clean path, and the next cycle can succeed.
 
 - `reset_after_bytes`: once that many bytes went from the server to the agent, both sides get a
   TCP reset.
@@ -25,9 +25,13 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from lab.errors import LabError
+
+if TYPE_CHECKING:
+    from lab.server.server import LabServer
 
 logger = logging.getLogger(__name__)
 
@@ -128,12 +132,12 @@ class FaultProxy:
         """Stop injecting faults into new connections."""
         self.faults = ProxyFaults()
 
-    def drop(self, why: str) -> int:
-        """Reset every open connection and return how many there were."""
+    def drop(self, step: str) -> int:
+        """Reset every open connection and return how many there were; `step` names the moment in the timeline."""
         links = list(self._links.values())
         for link in links:
             link.abort()
-        self._record("proxy-drop", f"reset {len(links)} connection(s) {why}")
+        self._record("proxy-drop", f"reset {len(links)} connection(s) {step}")
         return len(links)
 
     def _record(self, kind: str, detail: str) -> None:
@@ -248,3 +252,24 @@ class FaultProxy:
             link.stalled = False
             self._record("proxy-resume", f"connection {link.number}: relaying again")
         return data
+
+
+@contextlib.asynccontextmanager
+async def proxied(
+    server: LabServer, faults: ProxyFaults | None, on_event: Callable[[str, str], None] | None = None
+) -> AsyncIterator[FaultProxy | None]:
+    """Put a fault proxy in front of `server` for the duration of the block, if `faults` is given.
+
+    The proxy listens on the server's address, and the server's `agent_url` names the proxy, so
+    every .msh written inside the block sends the agent through it. Recovery downloads still go
+    to the server directly.
+    """
+    if faults is None:
+        yield None
+        return
+    async with FaultProxy(server.host, server.host, server.port, faults, on_event=on_event) as proxy:
+        server.advertised_port = proxy.port
+        try:
+            yield proxy
+        finally:
+            server.advertised_port = None

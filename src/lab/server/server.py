@@ -135,6 +135,8 @@ class LabServer:
         self.max_message_size = max_message_size
         self.on_event = on_event
         self.downloads: dict[str, Download] = {}
+        #: Port of a fault proxy in front of this server; `agent_url` names it instead of `port`.
+        self.advertised_port: int | None = None
         self.protocol_errors = 0
         self.connection_count = 0
         self._server: asyncio.Server | None = None
@@ -186,7 +188,8 @@ class LabServer:
 
     @property
     def agent_url(self) -> str:
-        return f"wss://{self.host}:{self.port}{self.agent_path}"
+        """Return the URL that agents are told to connect to: the fault proxy's while one runs."""
+        return f"wss://{self.host}:{self.advertised_port or self.port}{self.agent_path}"
 
     def download_url(self, token: str) -> str:
         return f"https://{self.host}:{self.port}/update/{token}"
