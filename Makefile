@@ -6,7 +6,7 @@ LINUX_TARGETS ?= debian12-systemd,debian13-systemd,debian12-sysvinit,debian12-i3
 CYCLES ?= 3
 REPORT_DIR ?= runs/lab-linux
 
-.PHONY: setup test test-fast lab-linux lab-faults images bench clean
+.PHONY: setup test test-fast lab-linux lab-vm lab-faults images bench clean
 
 setup:
 	sh scripts/setup.sh
@@ -40,6 +40,15 @@ lab-faults:
 	$(LAB) agents fetch --version 0.7.99 >/dev/null
 	$(LAB) images build debian12-systemd debian12-sysvinit
 	$(LAB) reproduce scenarios --report-dir $(FAULTS_REPORT_DIR)
+
+# debian12-vm through Vagrant and libvirt, native and recovery. Installs and starts what is
+# missing (scripts/ensure-vagrant.sh) and builds the box when it is missing (cached).
+lab-vm:
+	sh scripts/ensure-vagrant.sh
+	$(LAB) agents fetch >/dev/null
+	$(LAB) boxes build debian12-vm
+	$(LAB) run --provider vagrant --targets debian12-vm --mode native,recovery \
+		--cycles $(CYCLES) --report-dir runs/lab-vm
 
 bench:
 	$(PYTHON) bench/bench_native.py

@@ -6,7 +6,7 @@
 # Python dependencies (python-vagrant, paramiko) only when an import fails, and starts
 # virtlogd and libvirtd only when `virsh` cannot reach libvirtd. Daemons started here run in
 # the background without a service manager, so the script also works on CI runners that have
-# no systemd; their output goes to $UPDATELAB_LIBVIRTD_LOG (default /var/log/updatelab-libvirtd.log).
+# no systemd. Their output goes to $UPDATELAB_LIBVIRTD_LOG (default /var/log/updatelab-libvirtd.log).
 #
 # Environment:
 #   UPDATELAB_LIBVIRTD_WAIT  seconds to wait for a started libvirtd to respond (default 60)

@@ -163,9 +163,10 @@ async def test_unreachable_upstream_is_reported():
     assert events and events[0][0] == "proxy-error" and "cannot reach the server" in events[0][1]
 
 
-def test_refuses_every_address():
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "::0", "0", "", " "])
+def test_refuses_every_address(host):
     with pytest.raises(ProxyError, match="refusing to bind"):
-        FaultProxy("0.0.0.0", "127.0.0.1", 1)
+        FaultProxy(host, "127.0.0.1", 1)
 
 
 @in_loop
@@ -177,3 +178,45 @@ async def test_close_leaves_no_listener():
         await proxy.close()
         with pytest.raises(OSError):
             await asyncio.open_connection("127.0.0.1", port)
+
+
+@in_loop
+async def test_reset_delivers_exactly_the_first_bytes_in_order():
+    async with Source() as source, FaultProxy("127.0.0.1", "127.0.0.1", source.port, ProxyFaults(reset_after_bytes=50_000)) as proxy:
+        received, _ = await read_all(proxy.port)
+    assert received == PAYLOAD[:50_000]
+
+
+@in_loop
+async def test_stall_starts_at_the_named_byte():
+    faults = ProxyFaults(stall_after_bytes=50_000, stall_seconds=1.5)
+    async with Source() as source, FaultProxy("127.0.0.1", "127.0.0.1", source.port, faults) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        first = await asyncio.wait_for(reader.readexactly(50_000), 5)
+        assert first == PAYLOAD[:50_000]
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.readexactly(1), 0.5)
+        rest = await asyncio.wait_for(reader.readexactly(len(PAYLOAD) - 50_000), 10)
+        assert rest == PAYLOAD[50_000:]
+        writer.close()
+
+
+@in_loop
+async def test_half_close_is_forwarded():
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Read until the client's end of file, then answer with what arrived.
+        data = await reader.read()
+        writer.write(b"got " + data)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with FaultProxy("127.0.0.1", "127.0.0.1", port) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"request")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b"got request"
+        writer.close()
+    server.close()
+    await server.wait_closed()

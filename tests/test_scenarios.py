@@ -81,6 +81,14 @@ def test_default_step_follows_the_mode(tmp_path):
         (('outcomes = ["keeps-old-binary"]', "outcomes = []"), "outcomes is empty; allowed values: "),
         (('description', 'from = "1.1.55"\nto = "1.1.55"\ndescription'), "from and to are both 1.1.55"),
         (('description = "a block arrives corrupted"', ""), "the field description is missing"),
+        (('description = "a block arrives corrupted"', 'description = " "'), "description is empty"),
+        (('outcomes = ["keeps-old-binary"]', 'outcomes = ["offline", "keeps-old-binary"]'), "both offline and keeps-old-binary"),
+        (('outcomes = ["keeps-old-binary"]', 'outcomes = ["hangs", "next-cycle-succeeds"]'), "both hangs and next-cycle-succeeds"),
+        (('outcomes = ["keeps-old-binary"]', 'outcomes = ["updated", "updated"]'), "lists 'updated' twice"),
+        (('description', 'from = "1.1.55+8000000000"\ndescription'), "appends 8000000000 bytes; allowed values are 0 to 1024"),
+        (('kind = "corrupt-block"', 'kind = "proxy-stall"\nbytes = 10\nseconds = nan'), "seconds is nan; it must be a finite number"),
+        (('kind = "corrupt-block"', 'kind = "proxy-slow"\nlatency_ms = inf'), "latency_ms is inf; it must be a finite number"),
+        (('description', 'watchdog = nan\ndescription'), "watchdog is nan seconds"),
     ],
 )
 def test_bad_field_is_named_with_allowed_values(tmp_path, change, message):
@@ -127,6 +135,33 @@ def test_two_scenarios_with_one_name(tmp_path):
 
 def test_known_failure_needs_evidence(tmp_path):
     with pytest.raises(ConfigError, match=r"\[known_failure\]: the field evidence is missing"):
-        scenario.load(write(tmp_path, MINIMAL + "[known_failure]\nintermittent = true\n"))
+        scenario.load(write(tmp_path, MINIMAL + "[known_failure]\n"))
+    with pytest.raises(ConfigError, match=r"\[known_failure\] evidence is empty"):
+        scenario.load(write(tmp_path, MINIMAL + '[known_failure]\nevidence = "  "\n'))
+    # A known failure documents what the agent does; it cannot make a miss pass.
+    with pytest.raises(ConfigError, match="unknown field intermittent"):
+        scenario.load(write(tmp_path, MINIMAL + '[known_failure]\nevidence = "log"\nintermittent = true\n'))
     loaded = scenario.load(write(tmp_path, MINIMAL + '[known_failure]\nevidence = "meshagent.log shows it"\n'))
     assert loaded.known_failure is not None and loaded.known_failure.evidence == "meshagent.log shows it"
+
+
+def test_symlink_and_target_load_once(tmp_path):
+    target = write(tmp_path, MINIMAL, "target.toml")
+    link = tmp_path / "link.toml"
+    link.symlink_to(target)
+    assert len(scenario.load_many([target, link])) == 1
+
+
+def test_fifo_is_not_read(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        scenario.load(fifo)
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + MINIMAL.encode())
+    assert scenario.load(path).fault.kind == "corrupt-block"

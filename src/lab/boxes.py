@@ -3,11 +3,12 @@
 Each VM target is a folder ``boxes/<target>/`` with a ``box.json``. Two sources exist:
 
 ``build``
-    Built here with no download outside Debian's mirrors: debootstrap creates the root
-    filesystem (cached by `lab.images`), ``mke2fs -d`` turns it into an ext4 image without
-    mounting it, ``qemu-img convert`` makes it qcow2, and the result is packed as a
-    vagrant-libvirt box and added with ``vagrant box add``. The guest boots Debian's kernel
-    directly (libvirt ``kernel``/``initrd``/``cmd_line``), so the image needs no bootloader.
+    Built here with no download outside Debian's mirrors. debootstrap creates the root
+    filesystem (cached by `lab.images`), and ``mke2fs -d`` turns it into an ext4 image
+    without mounting it. ``qemu-img convert`` makes the image qcow2, and the result is packed
+    as a vagrant-libvirt box and added with ``vagrant box add``. The guest boots Debian's
+    kernel directly (libvirt ``kernel``/``initrd``/``cmd_line``), so the image needs no
+    bootloader.
 ``registry``
     A box that the user adds from a Vagrant registry or a local box file. The lab never
     downloads it, and names the exact ``vagrant box add`` command when it is missing.
@@ -41,9 +42,9 @@ SOURCES = ("build", "registry")
 GUESTS = ("linux", "freebsd", "darwin", "windows")
 
 #: Bump when the steps that turn a root filesystem into a box change, so old boxes are rebuilt.
-BOX_FORMAT = 1
+BOX_FORMAT = 2
 
-#: Where built boxes put their kernel and initrd. libvirt starts QEMU as the libvirt-qemu
+#: Folder of the kernels and initrds of built boxes. libvirt starts QEMU as the libvirt-qemu
 #: user on Debian, which cannot enter /root, so the files live in libvirt's own boot folder.
 KERNEL_DIR = Path("/var/lib/libvirt/boot")
 
@@ -176,6 +177,7 @@ def parse_definition(name: str, folder: Path, data: dict, path: Path) -> BoxDefi
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{path}: missing or empty string {key!r}")
         values[key] = value
+
     for key in ("ssh_user", "suite", "arch"):
         if key in data:
             if not isinstance(data[key], str):
@@ -186,11 +188,13 @@ def parse_definition(name: str, folder: Path, data: dict, path: Path) -> BoxDefi
             if not isinstance(data[key], int) or isinstance(data[key], bool) or data[key] < 1:
                 raise ConfigError(f"{path}: {key!r} must be a positive whole number")
             values[key] = data[key]
+
     if "packages" in data:
         packages = data["packages"]
         if not isinstance(packages, list) or not all(isinstance(item, str) and item for item in packages):
             raise ConfigError(f"{path}: 'packages' must be a list of package names")
         values["packages"] = tuple(packages)
+
     if values["source"] not in SOURCES:
         raise ConfigError(f"{path}: invalid source {values['source']!r}; expected one of {', '.join(SOURCES)}")
     if values["guest"] not in GUESTS:
@@ -295,6 +299,8 @@ def box_vagrantfile(definition: BoxDefinition, files: BuiltBoxFiles) -> str:
         f'  config.ssh.username = "{definition.ssh_user}"\n'
         f'  config.ssh.private_key_path = "{files.private_key}"\n'
         "  config.ssh.insert_key = false\n"
+        + ('  config.ssh.sudo_command = "%c"\n' if definition.ssh_user == "root" else "")
+        + 
         "  config.vm.provider :libvirt do |libvirt|\n"
         f'    libvirt.kernel = "{files.kernel}"\n'
         f'    libvirt.initrd = "{files.initrd}"\n'

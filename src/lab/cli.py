@@ -11,6 +11,8 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import math
+import signal
 import os
 import sys
 from collections.abc import Callable
@@ -48,6 +50,17 @@ def _integer_in_range(what: str, low: int, high: int | None, unit: str = "") -> 
     return parse
 
 
+def _seconds(text: str) -> float:
+    """Parse a positive, finite number of seconds for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} seconds is out of range: use a number above 0")
+    return value
+
+
 _block_size = _integer_in_range("block size", MIN_BLOCK_SIZE, MAX_BLOCK_SIZE, " bytes")
 _port = _integer_in_range("port", 0, 65535)
 _non_negative = _integer_in_range("number", 0, None)
@@ -68,13 +81,13 @@ def _add_cycle_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compress", choices=("auto", "on", "off"), default="auto", help="zip the native update when the agent advertises capability 0x100 (default: auto)")
     group.add_argument("--recoverycore", help="recovery core script (default: recoverycore.js of the fetched package)")
     group.add_argument("--fault", choices=[fault.value for fault in Fault], help="inject a server-side fault into every cycle")
-    group.add_argument("--reconnect-timeout", type=float, default=45.0, help="seconds to wait for the agent to reconnect (default: 45)")
-    group.add_argument("--stall-timeout", type=float, default=30.0, help="seconds to wait for a block acknowledgement (default: 30)")
+    group.add_argument("--reconnect-timeout", type=_seconds, default=45.0, help="seconds to wait for the agent to reconnect (default: 45)")
+    group.add_argument("--stall-timeout", type=_seconds, default=30.0, help="seconds to wait for a block acknowledgement (default: 30)")
     group.add_argument("--report-dir", type=Path, help="write report.json, junit.xml and evidence here")
     network = parser.add_argument_group("network faults (the agent connects through a fault proxy)")
     network.add_argument("--net-reset-after", type=_positive, metavar="BYTES", help="reset the connection once this many bytes went to the agent")
     network.add_argument("--net-stall-after", type=_positive, metavar="BYTES", help="stall the connection once this many bytes went to the agent")
-    network.add_argument("--net-stall-seconds", type=float, default=10.0, metavar="S", help="length of the stall in seconds (default: 10)")
+    network.add_argument("--net-stall-seconds", type=_seconds, default=10.0, metavar="S", help="length of the stall in seconds (default: 10)")
     network.add_argument("--net-latency", type=_non_negative, default=0, metavar="MS", help="latency added to every chunk, in ms")
     network.add_argument("--net-rate", type=_positive, metavar="BYTES_PER_S", help="cap the rate towards the agent, in bytes per second")
     network.add_argument("--net-faulty-connections", type=_positive, default=1, metavar="N", help="connections that get the reset or the stall, from the first (default: 1)")
@@ -95,10 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="provision targets, run update cycles, judge and report them")
     run.add_argument("--provider", choices=("local", "docker", "vagrant"), default="local", help="where the agent runs (default: local)")
     run.add_argument("--targets", help="comma-separated targets: images/ names for docker (default: debian12-systemd), boxes/ names for vagrant (default: debian12-vm)")
-    run.add_argument("--boot-timeout", type=_integer_in_range("boot timeout", 5, None, " s"), default=600, help="seconds a VM may take to boot until SSH answers (vagrant provider, default: 600)")
+    run.add_argument("--boot-timeout", type=_integer_in_range("boot timeout", 5, None, " s"), default=600, help="seconds `vagrant up` may take until the VM accepts SSH (vagrant provider, default: 600)")
     run.add_argument("--port", type=_port, default=0, help="server port (default: a free port)")
     run.add_argument("--keep", action="store_true", help="keep failed targets for inspection")
-    run.add_argument("--parallel", type=int, default=2, help="targets run at once (docker provider, default: 2)")
+    run.add_argument("--parallel", type=_integer_in_range("parallel targets", 1, 16), default=2, help="targets run at once (docker provider, default: 2)")
     run.add_argument("--expectations", type=Path, help="expectations file for the docker matrix")
     _add_cycle_options(run)
 
@@ -322,9 +335,13 @@ def command_images(args: argparse.Namespace) -> int:
         console.print(table)
         return 0
     if args.images_command == "rm":
+        known = images.known_targets()
+        unknown = [name for name in args.targets if name not in known]
+        if unknown:
+            raise ConfigError(f"unknown target {', '.join(unknown)}; known targets: {', '.join(known)}")
         for name in args.targets:
-            images.remove(name)
-            console.print(f"removed {name}")
+            removed = images.remove(name)
+            console.print(f"{name}: removed {', '.join(removed)}" if removed else f"{name}: no image to remove")
         return 0
     with console.status("checking images …") as status:
         def progress(event: images.BuildProgress) -> None:
@@ -383,18 +400,32 @@ COMMANDS = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived; the run tears down as it does after Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return COMMANDS[args.command](args)
     except LabError as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
         return 2
+    except Terminated:
+        console.print("[yellow]terminated; targets and temporary files were removed[/yellow]")
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; targets and temporary files were removed[/yellow]")
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

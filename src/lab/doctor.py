@@ -49,8 +49,7 @@ def run_checks() -> list[Check]:
     debootstrap = shutil.which("debootstrap") or (os.path.exists("/usr/sbin/debootstrap") and "/usr/sbin/debootstrap")
     checks.append(Check("debootstrap", bool(debootstrap), str(debootstrap) if debootstrap else "missing: apt-get install debootstrap"))
 
-    kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
-    checks.append(Check("/dev/kvm", kvm, "present" if kvm else "missing: VM targets fall back to software emulation", required=False))
-    vagrant = shutil.which("vagrant")
-    checks.append(Check("vagrant", vagrant is not None, vagrant or "missing: apt-get install vagrant vagrant-libvirt (VM targets only)", required=False))
+    from lab.doctor_vm import vm_checks
+
+    checks.extend(vm_checks())
     return checks

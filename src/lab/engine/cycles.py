@@ -195,6 +195,11 @@ class AgentDriver:
         self._reported_hash: bytes | None = None
         self._cycle: int | None = None
 
+    @property
+    def reported_hash(self) -> bytes | None:
+        """The agent hash from the agent's latest answer, or None before the first one."""
+        return self._reported_hash
+
     # -- helpers -------------------------------------------------------------------------------
 
     def _record(self, kind: str, detail: str = "") -> None:

@@ -15,11 +15,14 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import secrets
 import shlex
+import signal
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 
@@ -44,6 +47,9 @@ SERVICE_NAME = "labagent"
 INSTALL_DIR = f"/usr/local/mesh_services/{SERVICE_NAME}"
 INSTALLED_BINARY = f"{INSTALL_DIR}/meshagent"
 STAGING_BINARY = "/root/meshagent"
+#: Run ids look like 20261204-205856-3f768e; the state files of older versions may differ, but never in this alphabet.
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+T = TypeVar("T")
 #: Seconds the installed agent has to show up as a process before the lab reports it missing.
 AGENT_START_SECONDS = 10.0
 NO_AGENT_RUNNING = "no agent running"
@@ -86,14 +92,60 @@ def recover_crashed_runs() -> list[str]:
     for path in folder.glob("*.json"):
         try:
             state = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            logger.warning("skipping the unreadable state file %s: %s", path, error)
+            continue
+        run_id = state.get("run_id") if isinstance(state, dict) else None
+        if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
+            # Cleaning with no valid run id would select every run's containers.
+            logger.warning("skipping the state file %s: it names no valid run id", path)
             continue
         if state.get("status") == "cleaned" or _process_alive(state.get("pid")):
             continue
-        removed += docker_provider.clean(state["run_id"])
+        removed += docker_provider.clean(run_id)
         state["status"] = "cleaned"
         path.write_text(json.dumps(state, indent=1))
     return removed
+
+
+def mark_cleaned(run_id: str) -> None:
+    """Set the state file of `run_id` to cleaned, if it exists."""
+    path = state_root() / f"{run_id}.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    state["status"] = "cleaned"
+    path.write_text(json.dumps(state, indent=1))
+
+
+def run_cleaning_up(coroutine: Coroutine[Any, Any, T], run_id: str) -> T:
+    """Run `coroutine` with asyncio.run; after Ctrl-C or SIGTERM, remove the run's containers and networks.
+
+    The coroutine's own teardown runs first. A second Ctrl-C can cut it short, so the removal is
+    repeated here, one object after another, with SIGINT ignored until it is done.
+    """
+    try:
+        return asyncio.run(coroutine)
+    except KeyboardInterrupt:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            docker_provider.clean(run_id)
+            mark_cleaned(run_id)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        raise
+
+
+def prepare_report_dir(path: Path) -> None:
+    """Create `path` and check that files can be written in it, before anything is started."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".updatelab-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"cannot write the report to {path}: {error.strerror or error}; pick another --report-dir") from None
 
 
 def _process_alive(pid: Any) -> bool:
@@ -338,6 +390,8 @@ def run_docker_matrix(
     unknown = [name for name in names if name not in known]
     if unknown:
         raise ConfigError(f"unknown target {', '.join(unknown)}; known targets: {', '.join(known)}")
+    if not names:
+        raise ConfigError(f"--targets {args.targets!r} names no target; known targets: {', '.join(known)}")
     expectations = Expectations.load(args.expectations) if args.expectations else None
 
     buildable = []
@@ -353,8 +407,11 @@ def run_docker_matrix(
     if removed:
         console.print(f"removed what an interrupted run left behind: {', '.join(removed)}")
 
+    if not buildable:
+        raise ConfigError("no target left to run: every target given was skipped (see above)")
     run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
     run_dir = args.report_dir or (state_root() / run_id)
+    prepare_report_dir(run_dir)
     report.settings["run_id"] = run_id
     entries = [MatrixEntry(name, mode) for name in buildable for mode in options_by_mode]
     with Display(console) as display:
@@ -363,7 +420,7 @@ def run_docker_matrix(
         for name in buildable:
             with console.status(f"checking image {name} …") as status:
                 images.build(name, progress=lambda event, status=status: status.update(f"{event.target}: {event.step}: {event.message[:80]}"))
-        asyncio.run(_run_matrix(entries, args, options_by_mode, binaries, report, display, run_dir, run_id))
+        run_cleaning_up(_run_matrix(entries, args, options_by_mode, binaries, report, display, run_dir, run_id), run_id)
 
     console.print(summary_table(report))
     run_dir.mkdir(parents=True, exist_ok=True)

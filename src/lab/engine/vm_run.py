@@ -44,8 +44,8 @@ from lab.services import manager_for_name
 
 logger = logging.getLogger(__name__)
 
-#: Guests whose deployment the runner implements: the agent's Linux and FreeBSD installers
-#: take the same options and paths.
+#: Guests that `_deploy` can install to, with the installer options and paths of Linux.
+#: NOTE: FreeBSD is assumed to take the same ones; no FreeBSD box has run here yet.
 DEPLOYABLE_GUESTS = ("linux", "freebsd")
 
 _RUN_ID = re.compile(r"^updatelab-(\d{8}-\d{6}-[0-9a-f]{6})")
@@ -53,7 +53,7 @@ _PROBE = re.compile(rf"^{re.escape(accel.PROBE_PREFIX)}(\d+)-")
 
 
 def work_root(run_id: str) -> Path:
-    """Return the folder that holds the working folders of a run's VMs."""
+    """Return the folder that contains the working folders of a run's VMs."""
     return state_root() / f"{run_id}.vagrant"
 
 
@@ -128,7 +128,7 @@ def _binaries_for(definition: boxes.BoxDefinition, args: argparse.Namespace, exp
 
 
 def _vm_options(options: CycleOptions) -> CycleOptions:
-    """Return `options` with waits that fit an emulated VM (TCG runs the agent several times slower)."""
+    """Return `options` with longer waits, because an agent under TCG emulation starts and restarts slower."""
     timeouts = dataclasses.replace(
         options.timeouts,
         connect=max(options.timeouts.connect, 90.0),
@@ -195,20 +195,24 @@ async def _run_entry(
         report.add_event(label, None, "lab-error", str(error))
         display.event(label, None, "verdict", f"failed: {error}")
     finally:
-        if target is not None:
-            _save_console(target, evidence_dir)
+        _save_console(provider.work_root / vagrant_provider.machine_name(entry.target, str(entry.mode)), evidence_dir)
         if target is not None and failed and args.keep:
-            display.event(label, None, "teardown", f"kept for inspection: cd {target.workdir} && vagrant ssh")
+            provider.kept.add(target.machine)
+            display.event(
+                label, None, "teardown",
+                f"kept for inspection until the next VM run: cd {target.workdir} && vagrant ssh {target.machine}",
+            )
         else:
             await asyncio.to_thread(_destroy_quietly, provider, target, entry, label)
             state.step(label, "destroyed")
             display.event(label, None, "teardown", "VM destroyed")
 
 
-def _save_console(target: VagrantTarget, evidence_dir: Path) -> None:
+def _save_console(workdir: Path, evidence_dir: Path) -> None:
+    """Copy the VM's serial console and Vagrant output logs into the evidence folder."""
     evidence_dir.mkdir(parents=True, exist_ok=True)
     for name in ("console.log", "vagrant.log"):
-        source = target.workdir / name
+        source = workdir / name
         if source.is_file():
             (evidence_dir / name).write_bytes(source.read_bytes())
 

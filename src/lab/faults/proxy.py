@@ -26,16 +26,16 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
 
 from lab.errors import LabError
-
-if TYPE_CHECKING:
-    from lab.server.server import LabServer
+from lab.server.server import LabServer, listens_everywhere
 
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 16384
+#: Markers queued in the byte stream where a fault happens.
+_RESET = "reset"
+_STALL = "stall"
 
 
 @dataclasses.dataclass
@@ -88,7 +88,7 @@ class FaultProxy:
         *,
         on_event: Callable[[str, str], None] | None = None,
     ) -> None:
-        if host in ("0.0.0.0", "::", ""):
+        if listens_everywhere(host):
             raise ProxyError(f"refusing to bind the proxy to {host!r}: bind to loopback or the lab network's gateway")
         self.host = host
         self.port = 0
@@ -163,15 +163,22 @@ class FaultProxy:
                 return
             link = _Link(number, agent_writer, server_writer)
             self._links[number] = link
+            ended_cleanly = False
             try:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self._pump(link, server_reader, agent_writer, faults, downstream=True))
                     group.create_task(self._pump(link, agent_reader, server_writer, faults, downstream=False))
+                ended_cleanly = True
             except* (ConnectionError, OSError):
                 pass
             finally:
                 self._links.pop(number, None)
-                link.abort()
+                if ended_cleanly:
+                    # Both sides sent their end of file, so close without a reset.
+                    agent_writer.close()
+                    server_writer.close()
+                else:
+                    link.abort()
         except asyncio.CancelledError:
             pass
         finally:
@@ -186,12 +193,15 @@ class FaultProxy:
         *,
         downstream: bool,
     ) -> None:
-        """Copy one direction of `link`, applying `faults`; ends when either side closes.
+        """Copy one direction of `link`, applying `faults`, until its sender closes it.
 
         One task reads and stamps each chunk with the time it is due, another writes it then,
-        so added latency delays the data without limiting the throughput.
+        so added latency delays the data without limiting the throughput. The reset and the
+        stall travel through the same queue as markers, so they happen exactly after the byte
+        they name, and the bytes before them are delivered first. When the sender closes its
+        side, the receiver gets an end of file and the other direction carries on.
         """
-        queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[float, bytes | str] | None] = asyncio.Queue()
         latency = faults.latency_ms / 1000
 
         async def read() -> None:
@@ -200,59 +210,66 @@ class FaultProxy:
                 if not data:
                     await queue.put(None)
                     return
-                if downstream:
-                    filtered = await self._downstream_faults(link, data, faults)
-                    if filtered is None:
-                        raise ConnectionResetError("reset by fault")
-                    data = filtered
-                while link.stalled:
+                while link.stalled and not downstream:
                     await asyncio.sleep(0.05)
-                await queue.put((time.monotonic() + latency, data))
+                due = time.monotonic() + latency
+                for item in self._split_at_faults(link, data, faults) if downstream else [data]:
+                    await queue.put((due, item))
+                    if item == _RESET:
+                        return
 
         async def write() -> None:
             while True:
-                item = await queue.get()
-                if item is None:
+                entry = await queue.get()
+                if entry is None:
                     with contextlib.suppress(OSError):
                         writer.write_eof()
-                    raise ConnectionResetError("peer closed")
-                due, data = item
+                    return
+                due, item = entry
                 if latency:
                     await asyncio.sleep(max(0.0, due - time.monotonic()))
-                writer.write(data)
+                if item == _RESET:
+                    self._record("proxy-reset", f"connection {link.number}: reset after {faults.reset_after_bytes} bytes to the agent")
+                    link.abort()
+                    raise ConnectionResetError("reset by fault")
+                if item == _STALL:
+                    await self._stall(link, faults)
+                    continue
+                assert isinstance(item, bytes)
+                writer.write(item)
                 await writer.drain()
                 if downstream and faults.bytes_per_second:
-                    await asyncio.sleep(len(data) / faults.bytes_per_second)
+                    await asyncio.sleep(len(item) / faults.bytes_per_second)
 
         async with asyncio.TaskGroup() as group:
             group.create_task(read())
             group.create_task(write())
 
-    async def _downstream_faults(self, link: _Link, data: bytes, faults: ProxyFaults) -> bytes | None:
-        """Apply the byte-count faults to server-to-agent `data`; return None to reset the link."""
+    def _split_at_faults(self, link: _Link, data: bytes, faults: ProxyFaults) -> list[bytes | str]:
+        """Return server-to-agent `data` as chunks, with a reset or stall marker after the byte it names."""
         before = link.downstream_bytes
         link.downstream_bytes += len(data)
-        if faults.reset_after_bytes is not None and link.downstream_bytes >= faults.reset_after_bytes:
+        after = link.downstream_bytes
+        if faults.reset_after_bytes is not None and after >= faults.reset_after_bytes:
             keep = max(0, faults.reset_after_bytes - before)
-            if keep:
-                link.agent.write(data[:keep])
-                with contextlib.suppress(ConnectionError):
-                    await link.agent.drain()
-            self._record("proxy-reset", f"connection {link.number}: reset after {faults.reset_after_bytes} bytes to the agent")
-            link.abort()
-            return None
-        if (
-            faults.stall_after_bytes is not None
-            and faults.stall_seconds > 0
-            and before < faults.stall_after_bytes <= link.downstream_bytes
-        ):
-            self._record("proxy-stall", f"connection {link.number}: stalled for {faults.stall_seconds:g} s after {faults.stall_after_bytes} bytes")
-            link.stalled = True
-            await asyncio.sleep(faults.stall_seconds)
-            link.stalled = False
-            self._record("proxy-resume", f"connection {link.number}: relaying again")
-        return data
+            return [data[:keep], _RESET] if keep else [_RESET]
+        threshold = faults.stall_after_bytes
+        if threshold is not None and faults.stall_seconds > 0 and before < threshold <= after:
+            cut = threshold - before
+            return [chunk for chunk in (data[:cut], _STALL, data[cut:]) if chunk]
+        return [data]
 
+    async def _stall(self, link: _Link, faults: ProxyFaults) -> None:
+        self._record(
+            "proxy-stall",
+            f"connection {link.number}: stalled for {faults.stall_seconds:g} s after {faults.stall_after_bytes} bytes",
+        )
+        link.stalled = True
+        try:
+            await asyncio.sleep(faults.stall_seconds)
+        finally:
+            link.stalled = False
+        self._record("proxy-resume", f"connection {link.number}: relaying again")
 
 @contextlib.asynccontextmanager
 async def proxied(

@@ -38,6 +38,7 @@ from lab.engine.cycles import Outcome as CycleOutcome
 from lab.engine.local_run import agent_msh
 from lab.engine.report import FAILED, PASSED, CycleResult, Report
 from lab.errors import LabError
+from lab.protocol.commands import MAX_BLOCK_SIZE
 from lab.faults.proxy import FaultProxy, ProxyFaults
 from lab.faults.scenario import Outcome, Scenario, Step
 from lab.providers.docker import DockerProvider, DockerTarget
@@ -57,6 +58,16 @@ FILLER = f"{MESH_ROOT}/updatelab-filler"
 SCENARIO_TIMEOUTS = Timeouts(
     connect=30, hash_reply=15, block_ack=20, restart=20, reconnect=45, rejection=5, core_load=20, download=100
 )
+
+#: An agent that sends nothing for this many seconds, while its process runs, counts as hung.
+HANG_SILENCE = 30.0
+
+#: Timeline entries that the lab writes itself; every other entry shows the agent doing something.
+_LAB_EVENTS = {"cycle-start", "transfer-start", "agentupdate-sent", "download-requests", "verdict", "offline", "fault"}
+#: Faults that take effect when the recovery core requests the download.
+_DOWNLOAD_FAULTS = {"other-certificate", "altered-download", "http-error", "slow-download"}
+#: Faults built into the update itself.
+_UPDATE_FAULTS = {"corrupt-block", "wrong-final-hash", "truncated-binary", "proxy-slow"}
 
 _EVENT_STEPS = {
     "cycle-start": Step.BEFORE_CYCLE,
@@ -85,7 +96,8 @@ class ScenarioResult:
     verdict: str = FAILED
     reason: str = ""
     known_failure: str | None = None
-    intermittent: bool = False
+    #: What showed that the fault took effect, such as a proxy reset or a target command; None if it never did.
+    fault_fired: str | None = None
     hung: dict[str, Any] | None = None
     duration: float = 0.0
     cycles: list[dict[str, Any]] = dataclasses.field(default_factory=list)
@@ -94,6 +106,10 @@ class ScenarioResult:
     @property
     def passed(self) -> bool:
         return self.verdict == PASSED
+
+
+class ScenarioError(LabError):
+    """A scenario cannot run as written, for a reason found only at run time."""
 
 
 def agent_binary(version: str, appended: int, architecture: str) -> AgentBinary:
@@ -160,7 +176,6 @@ class ScenarioRun:
             fault=scenario.fault.describe(),
             expected=[str(outcome) for outcome in scenario.outcomes],
             known_failure=scenario.known_failure.evidence if scenario.known_failure else None,
-            intermittent=bool(scenario.known_failure and scenario.known_failure.intermittent),
         )
         self.target: DockerTarget | None = None
         self.manager: ServiceManager | None = None
@@ -181,12 +196,25 @@ class ScenarioRun:
 
     def _on_event(self, target: str, cycle: int | None, kind: str, detail: str) -> None:
         self.display.event(target, cycle, kind, detail)
-        if kind not in ("cycle-start", "verdict", "offline", "agentupdate-sent", "transfer-start"):
+        if kind not in _LAB_EVENTS:
             self._last_agent_activity = time.monotonic()
-        self._last_step = f"{kind}: {detail}"[:160]
+            self._last_step = f"{kind}: {detail}"[:160]
+        if kind == "download-requests" and detail != "0" and self.scenario.fault.kind in _DOWNLOAD_FAULTS:
+            self._fault_took_effect(f"the download was requested {detail} time(s)")
+        if kind in ("transfer-start", "agentupdate-sent") and self.scenario.fault.kind in _UPDATE_FAULTS:
+            self._fault_took_effect(f"{self.scenario.fault.kind} applied to the update")
         step = _EVENT_STEPS.get(kind)
         if step is not None:
             self._trigger(step)
+
+    def _fault_took_effect(self, detail: str) -> None:
+        if self._armed and self.result.fault_fired is None:
+            self.result.fault_fired = detail
+
+    def _proxy_event(self, kind: str, detail: str) -> None:
+        self.record("fault", f"{kind}: {detail}")
+        if kind in ("proxy-reset", "proxy-stall", "proxy-drop"):
+            self._fault_took_effect(f"{kind}: {detail}")
 
     def _on_progress(self, target: str, done: int, total: int) -> None:
         self.display.transfer(target, done, total)
@@ -234,7 +262,8 @@ class ScenarioRun:
         match fault.kind:
             case "proxy-drop":
                 assert self.proxy is not None
-                self.proxy.drop(where.strip())
+                if self.proxy.drop(where.strip()) == 0:
+                    self.record("fault", f"proxy-drop{where}: no connection was open")
                 return
             case "server-restart":
                 assert self.server is not None
@@ -243,6 +272,7 @@ class ScenarioRun:
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
                 self.record("fault", f"server restart{where}, listening again after {seconds:g} s")
+                self._fault_took_effect(f"server restart{where}")
                 return
             case "disk-full":
                 free = fault.parameters.get("free_kb", 0)
@@ -280,6 +310,8 @@ class ScenarioRun:
             self.manager.start(SERVICE_NAME)
         detail = text + where + ("" if result.ok else f" (failed: {result.output.strip()[-200:]})")
         self.record("fault", detail)
+        if result.ok:
+            self.result.fault_fired = self.result.fault_fired or detail
 
     def undo(self) -> None:
         """Take a target fault back so a clean cycle can run."""
@@ -311,8 +343,7 @@ class ScenarioRun:
                 agent_url = self.server.agent_url
                 if scenario.fault.side == "proxy":
                     self.proxy = await stack.enter_async_context(
-                        FaultProxy(self.gateway, self.gateway, self.server.port, _proxy_faults(scenario),
-                                   on_event=lambda kind, detail: self.record("fault", f"{kind}: {detail}"))
+                        FaultProxy(self.gateway, self.gateway, self.server.port, _proxy_faults(scenario), on_event=self._proxy_event)
                     )
                     agent_url = f"wss://{self.gateway}:{self.proxy.port}{self.server.agent_path}"
                 download_server = None
@@ -377,8 +408,16 @@ class ScenarioRun:
         if scenario.fault.step is Step.DEPLOYED:
             self._armed = True
             self._trigger(Step.DEPLOYED)
-        elif scenario.fault.step is None and scenario.fault.side == "target":
-            self.inject(None)
+        elif scenario.fault.kind == "noexec-tmp":
+            options = self.target.run("findmnt -no OPTIONS /tmp", check=False).output
+            if "noexec" in options.split(","):
+                self.result.fault_fired = f"/tmp is mounted {options.strip()}"
+            self.record("fault", f"/tmp mount options: {options.strip()}")
+        if scenario.fault.kind == "corrupt-block":
+            blocks = -(-len(new.data) // MAX_BLOCK_SIZE)
+            block = scenario.fault.parameters.get("block", 1)
+            if block >= blocks:
+                raise ScenarioError(f"block {block} is beyond the last block of the update ({blocks - 1})")
 
         core = agents.require_package(agents.DEFAULT_VERSION).recovery_core.read_bytes()
         faults = _cycle_faults(scenario, download_server)
@@ -396,15 +435,23 @@ class ScenarioRun:
         try:
             installed = await self.driver.connect()
         except CycleFailure as failure:
-            self.result.observed[Outcome.OFFLINE] = f"the agent never connected after the install: {failure}"
+            # Not an outcome of the fault: nothing was injected into a cycle yet.
+            self.result.reason = f"the agent never connected after the install ({failure}); see install.log"
             return
         self._last_agent_activity = time.monotonic()
 
         self._armed = True
         for index in range(scenario.cycles):
             self._fired = scenario.fault.step is Step.DEPLOYED
-            result = await self.driver.run_cycle(index, binary=new)
+            # Each cycle updates to the binary the agent does not run, so an update always shows.
+            binary = old if self.driver.reported_hash == new.agent_hash else new
+            installed = self.driver.reported_hash or installed
+            result = await self.driver.run_cycle(index, binary=binary)
             self.result.cycles.append(_cycle_summary(result))
+        if scenario.fault.kind == "kill-agent" and scenario.fault.step is Step.HASH_SENT:
+            killed = self.target.run("cat /root/updatelab-kill.log", check=False)
+            if killed.ok:
+                self.result.fault_fired = killed.output.strip()
         self._armed = False
 
         # After a cycle that already waited for a reconnect in vain, a short look is enough.
@@ -412,7 +459,7 @@ class ScenarioRun:
             (str(Reason.NO_RECONNECT), str(Reason.NO_CONNECTION))
         )
         current = await self.driver.current_hash(5.0 if waited else scenario.settle)
-        self._observe_hash(current, old, new, installed)
+        self._observe_hash(current, binary, installed)
         await asyncio.to_thread(self._observe_target)
 
         if Outcome.NEXT_CYCLE_SUCCEEDS in scenario.outcomes:
@@ -438,11 +485,12 @@ class ScenarioRun:
         if result.passed:
             self.result.observed[Outcome.NEXT_CYCLE_SUCCEEDS] = f"clean cycle to {binary.agent_hash.hex()[:12]} passed in {result.duration:.1f} s"
 
-    def _observe_hash(self, current: bytes | None, old: AgentBinary, new: AgentBinary, installed: bytes) -> None:
+    def _observe_hash(self, current: bytes | None, sent: AgentBinary, installed: bytes) -> None:
+        """Compare the hash the agent reports with the binary the last faulted cycle sent and the one it replaced."""
         observed = self.result.observed
         if current is None:
             observed[Outcome.OFFLINE] = f"no answer within {self.scenario.settle:g} s after the faulted cycle"
-        elif current == new.agent_hash:
+        elif current == sent.agent_hash:
             observed[Outcome.UPDATED] = f"reports the new hash {current.hex()[:12]}"
         elif current == installed:
             observed[Outcome.KEEPS_OLD_BINARY] = f"reconnected with its old hash {current.hex()[:12]}"
@@ -469,6 +517,12 @@ class ScenarioRun:
             self.record("observed", f"{INSTALLED_BINARY}.update was left behind")
 
     async def _report_hang(self) -> None:
+        """Record what the agent was doing when the watchdog fired, and whether that is a hang.
+
+        It counts as a hang only when an agent process is alive and the agent has sent nothing
+        for at least HANG_SILENCE seconds. Otherwise the watchdog was merely too short for the
+        scenario, and the scenario fails with that reason.
+        """
         silent = time.monotonic() - self._last_agent_activity
         processes = ""
         if self.target is not None:
@@ -488,11 +542,17 @@ class ScenarioRun:
             "last_step": self._last_step,
             "processes": processes,
         }
-        self.result.observed[Outcome.HANGS] = (
+        alive = processes.startswith("pid ")
+        text = (
             f"watchdog fired after {self.scenario.watchdog:g} s; the agent had been silent for {silent:.0f} s "
-            f"since {self._last_step!r}; {processes.splitlines()[0] if processes else 'no process found'}"
+            f"since {self._last_step!r}; {processes.splitlines()[0] if alive else 'no agent process found'}"
         )
-        self.record("watchdog", self.result.observed[Outcome.HANGS])
+        self.record("watchdog", text)
+        if alive and silent >= HANG_SILENCE:
+            self.result.observed[Outcome.HANGS] = text
+        else:
+            why = "no agent process runs" if not alive else f"the agent was silent for only {silent:.0f} s"
+            self.result.reason = f"the watchdog fired after {self.scenario.watchdog:g} s, but {why}, so it is no hang"
 
     def _judge(self) -> None:
         result = self.result
@@ -503,8 +563,9 @@ class ScenarioRun:
                 result.reason = "not observed: " + ", ".join(result.missing)
         else:
             result.verdict = PASSED
-        if result.known_failure and result.intermittent and not result.passed:
-            result.verdict, result.reason = PASSED, f"intermittent known failure did not show this time ({result.reason})"
+        if self.scenario.fault.kind != "none" and result.fault_fired is None:
+            result.verdict = FAILED
+            result.reason = f"the fault {result.fault} never took effect" + (f"; {result.reason}" if result.reason else "")
         verdict = result.verdict + (f": {result.reason}" if result.reason else "")
         self.record("verdict", verdict)
 
@@ -638,6 +699,7 @@ def reproduce(scenarios: list[Scenario], *, report_dir: Path | None, parallel: i
         console.print(f"removed what an interrupted run left behind: {', '.join(removed)}")
     run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
     run_dir = report_dir or (docker_run.state_root() / run_id)
+    docker_run.prepare_report_dir(run_dir)
     report = Report(settings={"run_id": run_id, "command": "reproduce", "scenarios": [str(s.path) for s in scenarios]})
     with Display(console) as display:
         for scenario in scenarios:
@@ -646,7 +708,7 @@ def reproduce(scenarios: list[Scenario], *, report_dir: Path | None, parallel: i
         for target in sorted({scenario.target for scenario in scenarios}):
             with console.status(f"checking image {target} …") as status:
                 images.build(target, progress=lambda event, status=status: status.update(f"{event.target}: {event.step}: {event.message[:80]}"))
-        results = asyncio.run(_run_all(scenarios, report, display, run_dir, run_id, parallel, keep))
+        results = docker_run.run_cleaning_up(_run_all(scenarios, report, display, run_dir, run_id, parallel, keep), run_id)
 
     console.print(scenario_table(results))
     run_dir.mkdir(parents=True, exist_ok=True)

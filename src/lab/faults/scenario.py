@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -113,6 +114,8 @@ _TOP_FIELDS = {
     "description", "target", "from", "to", "mode", "cycles", "watchdog", "settle", "slow", "fault", "expect", "known_failure",
 }
 _VERSION = re.compile(r"^(?P<version>\d+\.\d+\.\d+)(?:\+(?P<extra>\d+))?$")
+#: Most bytes a version may append; one is enough to make a distinct binary.
+MAX_APPENDED = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +130,10 @@ class AgentVersion:
         match = _VERSION.match(text)
         if match is None:
             raise ConfigError(f"{where}: {text!r} is not an agent version; write it like \"1.1.55\" or \"1.1.55+1\"")
-        return cls(match["version"], int(match["extra"] or 0))
+        appended = int(match["extra"] or 0)
+        if appended > MAX_APPENDED:
+            raise ConfigError(f"{where}: {text!r} appends {appended} bytes; allowed values are 0 to {MAX_APPENDED}")
+        return cls(match["version"], appended)
 
     def __str__(self) -> str:
         return self.version + (f"+{self.appended}" if self.appended else "")
@@ -152,7 +158,6 @@ class Fault:
 @dataclasses.dataclass(frozen=True)
 class KnownFailure:
     evidence: str
-    intermittent: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,8 +181,10 @@ class Scenario:
 def load(path: Path) -> Scenario:
     """Read and check one scenario file; raise ConfigError naming the field at fault."""
     where = str(path)
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise ConfigError(f"{path} is not a regular file; give scenario files (*.toml)")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"scenario file {path} not found") from None
     except IsADirectoryError:
@@ -187,6 +194,8 @@ def load(path: Path) -> Scenario:
 
     _no_unknown(data, _TOP_FIELDS, where)
     description = _field(data, "description", str, where)
+    if not description.strip():
+        raise ConfigError(f"{where}: description is empty; say what the fault is and what the agent must do")
     target = _field(data, "target", str, where, "debian12-systemd")
     known = images.known_targets()
     if target not in known:
@@ -227,28 +236,33 @@ def load(path: Path) -> Scenario:
     allowed = [outcome.value for outcome in Outcome]
     if not names:
         raise ConfigError(f"{where}: [expect] outcomes is empty; allowed values: {', '.join(allowed)}")
-    outcomes = []
+    outcomes: list[Outcome] = []
     for name in names:
         if name not in allowed:
             raise ConfigError(f"{where}: [expect] outcomes has {name!r}; allowed values: {', '.join(allowed)}")
+        if name in outcomes:
+            raise ConfigError(f"{where}: [expect] outcomes lists {name!r} twice")
         outcomes.append(Outcome(name))
-    contradictions = [
-        ({Outcome.UPDATED, Outcome.KEEPS_OLD_BINARY}, "updated and keeps-old-binary"),
-        ({Outcome.OFFLINE, Outcome.SERVICE_RUNNING}, "offline and service-running"),
-        ({Outcome.OFFLINE, Outcome.UPDATED}, "offline and updated"),
-    ]
-    for pair, text in contradictions:
+    # The agent ends a scenario in one place: on the new binary, on the old one, offline, or hung.
+    end_states = [Outcome.UPDATED, Outcome.KEEPS_OLD_BINARY, Outcome.OFFLINE, Outcome.HANGS]
+    expected_ends = [outcome for outcome in outcomes if outcome in end_states]
+    if len(expected_ends) > 1:
+        raise ConfigError(
+            f"{where}: [expect] outcomes has both {expected_ends[0]} and {expected_ends[1]}, which exclude each other"
+        )
+    for pair in ({Outcome.OFFLINE, Outcome.SERVICE_RUNNING}, {Outcome.HANGS, Outcome.NEXT_CYCLE_SUCCEEDS}):
         if pair <= set(outcomes):
-            raise ConfigError(f"{where}: [expect] outcomes has both {text}, which exclude each other")
+            first, second = sorted(pair)
+            raise ConfigError(f"{where}: [expect] outcomes has both {first} and {second}, which exclude each other")
 
     known_failure = None
     if "known_failure" in data:
         table = _field(data, "known_failure", dict, where)
-        _no_unknown(table, {"evidence", "intermittent"}, f"{where}: [known_failure]")
-        known_failure = KnownFailure(
-            _field(table, "evidence", str, f"{where}: [known_failure]"),
-            _field(table, "intermittent", bool, f"{where}: [known_failure]", False),
-        )
+        _no_unknown(table, {"evidence"}, f"{where}: [known_failure]")
+        evidence = _field(table, "evidence", str, f"{where}: [known_failure]")
+        if not evidence.strip():
+            raise ConfigError(f"{where}: [known_failure] evidence is empty; name the evidence file and what it shows")
+        known_failure = KnownFailure(evidence.strip())
     return Scenario(
         name=path.stem,
         path=path,
@@ -278,7 +292,10 @@ def load_many(paths: list[Path]) -> list[Scenario]:
             files += found
         else:
             files.append(path)
-    scenarios = [load(path) for path in files]
+    unique: dict[Path, Path] = {}
+    for path in files:
+        unique.setdefault(path.resolve(), path)
+    scenarios = [load(path) for path in unique.values()]
     seen: dict[str, Path] = {}
     for scenario in scenarios:
         if scenario.name in seen:
@@ -320,6 +337,8 @@ def _load_fault(table: dict[str, Any], mode: str, where: str) -> Fault:
             value = float(value)
         if not isinstance(value, kind_type) or isinstance(value, bool):
             raise ConfigError(f"{where}: {name} must be {'a number' if kind_type is float else 'an integer'}, not {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: {name} is {value}; it must be a finite number")
         if value < 0:
             raise ConfigError(f"{where}: {name} is {value}; it must not be negative")
         parameters[name] = value

@@ -66,7 +66,7 @@ def volumes_with_prefix(prefix: str) -> list[tuple[str, str]]:
 
 
 def remove_domain(name: str) -> None:
-    """Stop and undefine a domain with its storage; a domain that is already gone is fine."""
+    """Stop and undefine a domain with its storage. A domain that is already gone is not an error."""
     virsh("destroy", name, check=False)
     result = virsh("undefine", name, "--remove-all-storage", "--nvram", check=False)
     if result.returncode != 0 and "--nvram" in result.stderr:
@@ -89,7 +89,7 @@ def delete_volume(pool: str, volume: str) -> None:
 
 
 def remove_objects(prefix: str) -> list[str]:
-    """Remove every domain, volume and network whose name starts with `prefix`; list what was removed."""
+    """Remove every domain, volume and network whose name starts with `prefix`, and return what was removed."""
     removed = []
     for domain in domains_with_prefix(prefix):
         remove_domain(domain)

@@ -16,6 +16,7 @@ inside the VM reaches the lab server at 127.0.0.1 on the same port number as on 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import errno
 import hashlib
@@ -124,6 +125,17 @@ def generated_vagrantfile(settings_path: Path, top_level: Path) -> str:
         f"ENV[\"UPDATELAB_VM_SETTINGS\"] = {json.dumps(str(settings_path))}\n"
         f"load {json.dumps(str(top_level))}\n"
     )
+
+
+def host_route_destinations() -> list[str]:
+    """Return the destinations of the host's IPv4 routes other than the default, from ``ip -j route``."""
+    try:
+        result = subprocess.run(["ip", "-j", "-4", "route", "show"], capture_output=True, text=True, timeout=10)
+        routes = json.loads(result.stdout or "[]")
+    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError) as error:
+        log.warning("cannot read the host's routes, so run subnets may overlap one: %s", error)
+        return []
+    return [route["dst"] for route in routes if route.get("dst") and route["dst"] != "default"]
 
 
 def parse_ssh_config(text: str) -> dict[str, str]:
@@ -283,8 +295,6 @@ class VagrantTarget(Target):
             result = self.run(f"test -f {shlex.quote(path)} && base64 < {shlex.quote(path)}", check=False)
             if not result.ok:
                 raise FileNotFoundError(f"{self.name}: {path} not found")
-            import base64
-
             return base64.b64decode(result.output)
         try:
             with self._sftp_client().open(path, "rb") as handle:
@@ -380,7 +390,8 @@ def console_tail(path: Path, lines: int = 40) -> str:
         text = path.read_text(errors="replace")
     except OSError as error:
         return f"(serial console log {path} unavailable: {error.strerror})"
-    return "\n".join(text.replace("\r", "").rstrip().splitlines()[-lines:]) or "(the serial console printed nothing)"
+    kept = [line for line in text.replace("\r", "").splitlines() if line.strip()]
+    return "\n".join(kept[-lines:]) or f"({path.name} is empty)"
 
 
 # --- provider ---------------------------------------------------------------------------------
@@ -415,6 +426,8 @@ class VagrantProvider(Provider):
         self.on_step = on_step or (lambda machine, step: None)
         self._subnet: ipaddress.IPv4Network | None = None
         self._targets: dict[str, VagrantTarget] = {}
+        #: Machines that `destroy_all` leaves running for inspection (``--keep``).
+        self.kept: set[str] = set()
 
     def preflight(self, targets: list[str] | None = None) -> None:
         """Check the tools and the boxes of `targets`, then choose KVM or TCG.
@@ -471,15 +484,36 @@ class VagrantProvider(Provider):
         )
         self.on_step(machine, "vagrant up started")
         started = time.monotonic()
+        # Vagrant's boot_timeout covers only the wait for SSH. vagrant-libvirt 0.11 waits for the
+        # DHCP lease on its own, with no overall limit, so the lab stops `vagrant up` itself.
+        timed_out = threading.Event()
+
+        def stop_vagrant() -> None:
+            timed_out.set()
+            for pid in processes_in(workdir):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+
+        watchdog = threading.Timer(self.boot_timeout, stop_vagrant)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             client.up(vm_name=machine, provider="libvirt")
         except subprocess.CalledProcessError as error:
+            what = (
+                f"did not boot within the boot timeout of {self.boot_timeout:.0f} s, so `vagrant up` was stopped"
+                if timed_out.is_set()
+                else f"`vagrant up` failed with exit status {error.returncode} after {time.monotonic() - started:.0f} s"
+            )
             raise TargetBootError(
-                f"{machine}: `vagrant up` failed with exit status {error.returncode} after {time.monotonic() - started:.0f} s "
-                f"(domain type {self.domain_type}, boot timeout {self.boot_timeout:.0f} s).\n"
+                f"{machine}: {what} (domain type {self.domain_type}). Raise it with --boot-timeout if the host is slow.\n"
                 f"Last lines of {output_log}:\n{console_tail(output_log, 15)}\n"
                 f"Last lines of the serial console {console_log}:\n{console_tail(console_log, 25)}"
             ) from error
+        finally:
+            watchdog.cancel()
         self.on_step(machine, f"vagrant up finished in {time.monotonic() - started:.0f} s")
 
         ssh = parse_ssh_config(client.ssh_config(vm_name=machine))
@@ -492,9 +526,7 @@ class VagrantProvider(Provider):
 
     def _network_subnet(self) -> ipaddress.IPv4Network:
         if self._subnet is None:
-            from lab.providers.docker import _host_routes
-
-            used = libvirt_util.network_subnets() + [str(route) for route in _host_routes()]
+            used = libvirt_util.network_subnets() + host_route_destinations()
             self._subnet = pick_subnet(self.run_id, used)
         return self._subnet
 
@@ -512,11 +544,11 @@ class VagrantProvider(Provider):
             # A built box's host key is known, so the VM is verified like any SSH server.
             key_type, key_data = host_key.split()[:2]
             name = host if port == 22 else f"[{host}]:{port}"
-            client.get_host_keys().add(name, key_type, paramiko.PKey.from_type_string(key_type, __import__("base64").b64decode(key_data)))
+            client.get_host_keys().add(name, key_type, paramiko.PKey.from_type_string(key_type, base64.b64decode(key_data)))
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
         else:
-            # NOTE: registry boxes have unknown host keys; the VM is on an isolated network that
-            # this run created, so the first key it presents is accepted, as `vagrant ssh` does.
+            # NOTE: the host key of a registry box is unknown. The VM is on an isolated network
+            # that this run created, so the first key it presents is accepted, as `vagrant ssh` does.
             client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
         deadline = time.monotonic() + self.ssh_timeout
         last_error: Exception | None = None
@@ -548,8 +580,15 @@ class VagrantProvider(Provider):
         self.on_step(machine, "destroyed")
 
     def destroy_all(self) -> None:
+        """Destroy every VM of the run and its network, except the machines in `kept`."""
         for target in list(self._targets.values()):
-            self.destroy(target)
+            if target.machine in self.kept:
+                target.close()
+            else:
+                self.destroy(target)
+        if self.kept:
+            log.warning("kept %s for inspection; remove them with `updatelab clean --run-id %s`", ", ".join(sorted(self.kept)), self.run_id)
+            return
         clean(self.run_id, self.work_root)
 
 

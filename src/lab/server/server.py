@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import ipaddress
 import logging
 import socket
 import ssl
@@ -126,7 +127,7 @@ class LabServer:
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         on_event: Callable[[AgentConnection, TimedEvent], None] | None = None,
     ) -> None:
-        if host in ("0.0.0.0", "::", ""):
+        if listens_everywhere(host):
             raise ServerError(f"refusing to bind to {host!r}: bind to loopback or the lab network's gateway")
         self.identity = identity
         self.host = host
@@ -423,6 +424,23 @@ class LabServer:
             connection.events.put_nowait(timed)
             if isinstance(event, AgentAuthenticated):
                 self._waiting[event.info.mesh_id].put_nowait(connection)
+
+
+def listens_everywhere(host: str) -> bool:
+    """Return True when binding to `host` would listen on every address, as 0.0.0.0, ::, 0 or "" do."""
+    if not host.strip():
+        return True
+    try:
+        addresses = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return False  # the bind itself fails with a clear error
+    for *_, address in addresses:
+        try:
+            if ipaddress.ip_address(address[0].split("%")[0]).is_unspecified:
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 async def _send_http(parser: h11.Connection, writer: asyncio.StreamWriter, status: int, body: bytes) -> None:
