@@ -79,10 +79,19 @@ def test_bad_scenario_file_names_the_field(tmp_path: Path) -> None:
     assert "kind 'meteor' is unknown; allowed values:" in result.stdout
 
 
+INTERRUPTIONS = {
+    "ctrl-c": (signal.SIGINT, 1, 130),
+    "ctrl-c-three-times": (signal.SIGINT, 3, 130),
+    "sigterm": (signal.SIGTERM, 1, 143),
+}
+
+
 @needs_docker
 @pytest.mark.docker
 @pytest.mark.agent
-def test_ctrl_c_in_the_middle_of_a_scenario_leaves_nothing(tmp_path: Path, agent_packages) -> None:
+@pytest.mark.parametrize("interruption", INTERRUPTIONS.values(), ids=INTERRUPTIONS.keys())
+def test_interrupted_scenario_leaves_nothing(tmp_path: Path, agent_packages, interruption) -> None:
+    signal_number, presses, exit_status = interruption
     state = {"XDG_STATE_HOME": str(tmp_path / "state")}
     process = subprocess.Popen(
         [sys.executable, "-m", "lab", "reproduce", str(REPO / "scenarios" / "disk-full-during-transfer.toml"),
@@ -97,10 +106,13 @@ def test_ctrl_c_in_the_middle_of_a_scenario_leaves_nothing(tmp_path: Path, agent
         # The agent sleeps in its write path from here on.
         if "disk-full" in line and "fault" in line or time.monotonic() > deadline:
             break
-    process.send_signal(signal.SIGINT)
+    for _ in range(presses):
+        process.send_signal(signal_number)
+        time.sleep(0.3)
     output = "".join(seen) + process.communicate(timeout=120)[0]
-    assert process.returncode == 130, output[-3000:]
-    assert "interrupted" in output
+    assert process.returncode == exit_status, output[-3000:]
+    assert "Traceback" not in output
+    assert "targets and temporary files were removed" in output
     (state_file,) = (tmp_path / "state" / "updatelab" / "runs").glob("*.json")
     state_data = json.loads(state_file.read_text())
     assert state_data["status"] == "cleaned"

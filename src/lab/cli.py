@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import math
 import signal
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -378,13 +377,21 @@ def command_boxes(args: argparse.Namespace) -> int:
 
 
 def command_clean(args: argparse.Namespace) -> int:
+    from lab.engine.docker_run import RUN_ID_PATTERN
     from lab.providers import docker as docker_provider
+
+    if args.run_id is not None and not RUN_ID_PATTERN.fullmatch(args.run_id):
+        raise ConfigError(f"--run-id {args.run_id!r} is not a run id; run ids look like 20261204-205856-3f768e")
 
     from lab.cli_boxes import clean_vms
 
     clean_vms(args.run_id, console)
     removed = docker_provider.clean(args.run_id)
     console.print(f"removed {len(removed)} labelled containers and networks" + (": " + ", ".join(removed) if removed else ""))
+    if args.run_id:
+        from lab.engine.docker_run import mark_cleaned
+
+        mark_cleaned(args.run_id)
     return 0
 
 

@@ -563,6 +563,8 @@ class AgentDriver:
             # The recovery core checks that it runs as a service before it downloads anything.
             self._reported_hash = await self._request_hash(connection)
             return self._reported_hash
+        if download.requests == 0:
+            raise CycleFailure(Reason.DOWNLOAD_FAILED, "the agent reported a verified download that it never requested")
         return await self._follow_restart(connection, binary, outcome)
 
     async def _wait_downloaded(self, connection: AgentConnection, outcome: Outcome) -> bool:

@@ -27,6 +27,7 @@ from pathlib import Path
 from rich.console import Console
 
 from lab import agents, boxes
+from lab.faults.proxy import proxied
 from lab.agentfile import AgentBinary, load_agent_binary
 from lab.certs import generate_identity
 from lab.display import Display, summary_table
@@ -165,6 +166,10 @@ async def _run_entry(
         boot_seconds = time.monotonic() - started
         state.step(label, "created")
         await asyncio.to_thread(target.forward_remote_port, server.port, server.host, server.port)
+        if server.advertised_port:
+            # The agent connects through the fault proxy; downloads still go to the server's port.
+            port = server.advertised_port
+            await asyncio.to_thread(target.forward_remote_port, port, server.host, port)
         state.step(label, f"forwarded 127.0.0.1:{server.port} in the VM to {server.host}:{server.port}")
         manager = manager_for_name(definition.service_manager, target)
         output = await asyncio.to_thread(_deploy, target, binaries[0], agent_msh(server, mesh_id, SERVICE_NAME))
@@ -233,7 +238,9 @@ async def _run_matrix(entries: list[MatrixEntry], args: argparse.Namespace, opti
                       provider: VagrantProvider, state: RunState) -> None:
     try:
         identity = await asyncio.to_thread(generate_identity, ["127.0.0.1"])
-        async with LabServer(identity, "127.0.0.1", args.port) as server:
+        async with LabServer(identity, "127.0.0.1", args.port) as server, proxied(
+            server, getattr(args, "network", None), lambda kind, detail: report.add_event("proxy", None, "fault", f"{kind}: {detail}")
+        ):
             report.settings["server"] = server.agent_url
             # NOTE: VMs run one at a time. Two emulated (TCG) guests on a 2-core host slow each
             # other down enough to trip the cycle timeouts; --parallel applies to containers only.

@@ -18,7 +18,6 @@ reconnects after a fault therefore gets a clean path, and the next cycle can suc
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import logging

@@ -206,6 +206,7 @@ class VagrantTarget(Target):
         self.server_address = "127.0.0.1"
         self._sftp = None
         self._forwards: list[tuple[str, int]] = []
+        self._forward_targets: dict[int, tuple[str, int]] = {}
         self._pumps: list[threading.Thread] = []
         self._closing = threading.Event()
 
@@ -317,9 +318,14 @@ class VagrantTarget(Target):
 
         transport = self.client.get_transport()
 
+        # paramiko keeps one handler per transport, so every forward shares this table and the
+        # handler picks the destination by the port the connection arrived on.
+        self._forward_targets[port] = (local_host, local_port)
+
         def handler(channel, origin, server) -> None:
+            host, destination = self._forward_targets.get(server[1], (local_host, local_port))
             thread = threading.Thread(
-                target=self._pump, args=(channel, local_host, local_port), name=f"forward-{self.machine}", daemon=True
+                target=self._pump, args=(channel, host, destination), name=f"forward-{self.machine}", daemon=True
             )
             self._pumps.append(thread)
             thread.start()
