@@ -172,18 +172,24 @@ def test_cycle_faults_default_to_none():
     assert dataclasses.replace(faults, corrupt_block=0).any_native()
 
 
+async def connected_driver(server: LabServer, identity, report: Report) -> tuple[AgentDouble, AgentClient, asyncio.Task, AgentDriver]:
+    """Connect a double to `server`, serve it in a task, and return it with a connected driver."""
+    agent = AgentDouble(server_id=identity.server_id, mesh_id=os.urandom(48), identity=node_identity(0))
+    client = await AgentClient.connect(HOST, server.port, agent)
+    await client.send_messages(agent.opening_messages())
+    serving = asyncio.create_task(serve_forever(client))
+    options = CycleOptions(timeouts=Timeouts(connect=TIMEOUT, hash_reply=1))
+    driver = AgentDriver(server=server, mesh_id=agent.mesh_id, target="double",
+                         binaries=[binary(b"old", "old")], options=options, report=report)
+    assert await driver.connect() == agent.agent_hash
+    return agent, client, serving, driver
+
+
 def test_current_hash_waits_for_a_busy_agent():
     async def case():
         identity = generate_identity([HOST])
         async with LabServer(identity, HOST) as server:
-            agent = AgentDouble(server_id=identity.server_id, mesh_id=os.urandom(48), identity=node_identity(0))
-            client = await AgentClient.connect(HOST, server.port, agent)
-            await client.send_messages(agent.opening_messages())
-            serving = asyncio.create_task(serve_forever(client))
-            options = CycleOptions(timeouts=Timeouts(connect=TIMEOUT, hash_reply=1))
-            driver = AgentDriver(server=server, mesh_id=agent.mesh_id, target="double",
-                                 binaries=[binary(b"old", "old")], options=options, report=Report())
-            assert await driver.connect() == agent.agent_hash
+            agent, client, serving, driver = await connected_driver(server, identity, Report())
 
             # The double stops reading, as an agent asleep in its write path does, and wakes
             # up after 3 s. Each request times out after 1 s, so the driver has to ask again.
@@ -201,20 +207,15 @@ def test_current_hash_waits_for_a_busy_agent():
             waking.cancel()
             await client.close()
 
+    run(case())
+
 
 def test_current_hash_gives_up_on_silence():
     async def case():
         identity = generate_identity([HOST])
+        report = Report()
         async with LabServer(identity, HOST) as server:
-            agent = AgentDouble(server_id=identity.server_id, mesh_id=os.urandom(48), identity=node_identity(0))
-            client = await AgentClient.connect(HOST, server.port, agent)
-            await client.send_messages(agent.opening_messages())
-            serving = asyncio.create_task(serve_forever(client))
-            options = CycleOptions(timeouts=Timeouts(connect=TIMEOUT, hash_reply=1))
-            report = Report()
-            driver = AgentDriver(server=server, mesh_id=agent.mesh_id, target="double",
-                                 binaries=[binary(b"old", "old")], options=options, report=report)
-            await driver.connect()
+            _, client, serving, driver = await connected_driver(server, identity, report)
             serving.cancel()
             assert await driver.current_hash(2.5) is None
             assert report.timeline[-1].kind == "offline"

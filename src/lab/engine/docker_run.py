@@ -422,13 +422,22 @@ def run_docker_matrix(
                 images.build(name, progress=lambda event, status=status: status.update(f"{event.target}: {event.step}: {event.message[:80]}"))
         run_cleaning_up(_run_matrix(entries, args, options_by_mode, binaries, report, display, run_dir, run_id), run_id)
 
+    return finish_matrix(report, run_dir, expectations, [f"{e.target}/{e.mode}" for e in entries], console)
+
+
+def finish_matrix(report: Report, run_dir: Path, expectations: Expectations | None, labels: list[str], console: Console) -> int:
+    """Print the summary, write the report, judge it against `expectations` and return the exit status.
+
+    Without expectations, the status is 1 when any cycle failed or none ran. With them, it is 0
+    exactly when every target and mode in `labels` matched its expectation.
+    """
     console.print(summary_table(report))
     run_dir.mkdir(parents=True, exist_ok=True)
     for path in report.write(run_dir):
         console.print(f"wrote {path}")
     if expectations is None:
         return 1 if report.failed_cycles or not report.cycles else 0
-    verdict = judge_matrix(report, expectations, [f"{e.target}/{e.mode}" for e in entries])
+    verdict = judge_matrix(report, expectations, labels)
     (run_dir / "expectations.json").write_text(json.dumps(verdict, indent=2))
     for line in verdict["lines"]:
         console.print(line)

@@ -27,16 +27,25 @@ from pathlib import Path
 from rich.console import Console
 
 from lab import agents, boxes
-from lab.faults.proxy import proxied
 from lab.agentfile import AgentBinary, load_agent_binary
 from lab.certs import generate_identity
-from lab.display import Display, summary_table
+from lab.display import Display
 from lab.engine.cycles import AgentDriver, CycleOptions, Mode
-from lab.engine.docker_run import SERVICE_NAME, ContainerProbe, RunState, _deploy, _process_alive, state_root
-from lab.engine.expectations import Expectations, judge_matrix
+from lab.engine.docker_run import (
+    SERVICE_NAME,
+    ContainerProbe,
+    RunState,
+    _deploy,
+    _process_alive,
+    finish_matrix,
+    prepare_report_dir,
+    state_root,
+)
+from lab.engine.expectations import Expectations
 from lab.engine.local_run import agent_msh
 from lab.engine.report import FAILED, CycleResult, Report
 from lab.errors import ConfigError, LabError
+from lab.faults.proxy import proxied
 from lab.providers import accel, libvirt_util
 from lab.providers import vagrant as vagrant_provider
 from lab.providers.vagrant import VagrantProvider, VagrantTarget
@@ -282,6 +291,7 @@ def run_vm_matrix(
 
     run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
     run_dir = args.report_dir or (state_root() / run_id)
+    prepare_report_dir(run_dir)
     report.settings["run_id"] = run_id
     state = RunState(run_id)
     state.data["provider"] = "vagrant"
@@ -303,16 +313,8 @@ def run_vm_matrix(
 
     entries = [MatrixEntry(name, mode) for name in names for mode in options_by_mode]
     with Display(console) as display:
+        for entry in entries:
+            display.plan(f"{entry.target}/{entry.mode}", str(entry.mode), args.cycles)
         asyncio.run(_run_matrix(entries, args, options_by_mode, binaries, report, display, run_dir, provider, state))
 
-    console.print(summary_table(report))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for path in report.write(run_dir):
-        console.print(f"wrote {path}")
-    if expectations is None:
-        return 1 if report.failed_cycles or not report.cycles else 0
-    verdict = judge_matrix(report, expectations, [f"{e.target}/{e.mode}" for e in entries])
-    (run_dir / "expectations.json").write_text(json.dumps(verdict, indent=2))
-    for line in verdict["lines"]:
-        console.print(line)
-    return 0 if verdict["ok"] else 1
+    return finish_matrix(report, run_dir, expectations, [f"{e.target}/{e.mode}" for e in entries], console)

@@ -65,7 +65,7 @@ HANG_SILENCE = 30.0
 #: Timeline entries that the lab writes itself; every other entry shows the agent doing something.
 _LAB_EVENTS = {"cycle-start", "transfer-start", "agentupdate-sent", "download-requests", "verdict", "offline", "fault"}
 #: Faults that take effect when the recovery core requests the download.
-_DOWNLOAD_FAULTS = {"other-certificate", "altered-download", "http-error", "slow-download"}
+_DOWNLOAD_FAULTS = {"altered-download", "http-error", "slow-download"}
 #: Faults built into the update itself.
 _UPDATE_FAULTS = {"corrupt-block", "wrong-final-hash", "truncated-binary", "proxy-slow"}
 
@@ -181,6 +181,7 @@ class ScenarioRun:
         self.manager: ServiceManager | None = None
         self.server: LabServer | None = None
         self.proxy: FaultProxy | None = None
+        self.download_relay: FaultProxy | None = None
         self.driver: AgentDriver | None = None
         self._armed = False
         self._fired = False
@@ -350,6 +351,12 @@ class ScenarioRun:
                 if scenario.fault.kind == "other-certificate":
                     identity = await asyncio.to_thread(self.other_identity)
                     download_server = await stack.enter_async_context(LabServer(identity, self.gateway, 0))
+                    # The core rejects the certificate during the TLS handshake, before any HTTP
+                    # request, so a plain relay in front of that server counts the connections.
+                    self.download_relay = await stack.enter_async_context(
+                        FaultProxy(self.gateway, self.gateway, download_server.port)
+                    )
+                    download_server.advertised_download_port = self.download_relay.port
                 try:
                     await self._watched(agent_url, download_server)
                 finally:
@@ -448,6 +455,10 @@ class ScenarioRun:
             installed = self.driver.reported_hash or installed
             result = await self.driver.run_cycle(index, binary=binary)
             self.result.cycles.append(_cycle_summary(result))
+        if self.download_relay is not None and self.download_relay.connections:
+            self._fault_took_effect(
+                f"the agent connected {self.download_relay.connections} time(s) to the server with the other certificate"
+            )
         if scenario.fault.kind == "kill-agent" and scenario.fault.step is Step.HASH_SENT:
             killed = self.target.run("cat /root/updatelab-kill.log", check=False)
             if killed.ok:

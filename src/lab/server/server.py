@@ -138,6 +138,8 @@ class LabServer:
         self.downloads: dict[str, Download] = {}
         #: Port of a fault proxy in front of this server; `agent_url` names it instead of `port`.
         self.advertised_port: int | None = None
+        #: Port of a proxy in front of this server's downloads; `download_url` names it instead of `port`.
+        self.advertised_download_port: int | None = None
         self.protocol_errors = 0
         self.connection_count = 0
         self._server: asyncio.Server | None = None
@@ -193,7 +195,7 @@ class LabServer:
         return f"wss://{self.host}:{self.advertised_port or self.port}{self.agent_path}"
 
     def download_url(self, token: str) -> str:
-        return f"https://{self.host}:{self.port}/update/{token}"
+        return f"https://{self.host}:{self.advertised_download_port or self.port}/update/{token}"
 
     # -- routing -------------------------------------------------------------------------------
 
