@@ -1,5 +1,6 @@
 # updatelab: common commands. Run `make setup` once on a new machine (as root).
-PYTHON ?= python3
+# The virtual environment that `make setup` creates; python3 where there is none yet.
+PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 PYTEST ?= $(PYTHON) -m pytest
 LAB ?= $(PYTHON) -m lab
 LINUX_TARGETS ?= debian12-systemd,debian13-systemd,debian12-sysvinit,debian12-i386-systemd,debian12-openrc,debian12-runit
@@ -11,8 +12,8 @@ REPORT_DIR ?= runs/lab-linux
 setup:
 	sh scripts/setup.sh
 
-# Every test: unit, fuzz, the real agent on this host, and container runs (skipped only where
-# Docker cannot run).
+# Every test: unit, fuzz, the real agent on this host, container runs (skipped only where
+# Docker cannot run) and VM runs (skipped only where Vagrant and libvirt cannot be set up).
 test:
 	$(PYTEST) -q -rs
 

@@ -1,6 +1,6 @@
 """Fault scenarios against the real agent in containers: a bounded subset of the catalogue.
 
-`make lab-faults` runs every scenario; these tests run one of each kind of fault (network,
+`make lab-faults` runs every scenario. These tests run one of each kind of fault (network,
 server, target, watchdog, version change) and check the report, the evidence and the teardown.
 """
 
@@ -61,10 +61,12 @@ def test_subset_of_scenarios_against_the_real_agent(tmp_path: Path, agent_packag
 
     # The proxy reset shows in the timeline, and the agent came back on its own.
     kinds = [entry["kind"] for entry in report["timeline"] if entry["target"] == "network-reset-mid-transfer"]
-    assert "fault" in kinds and kinds.count("connected") >= 2
+    assert "fault" in kinds
+    assert kinds.count("connected") >= 2
 
     junit = (tmp_path / "junit.xml").read_text()
-    assert junit.count("<testcase") == len(SUBSET) and "<failure" not in junit
+    assert junit.count("<testcase") == len(SUBSET)
+    assert "<failure" not in junit
     assert labelled_objects(run_id_of(tmp_path)) == []
 
 

@@ -1,4 +1,4 @@
-"""Command-line interface: ``updatelab agents|run|reproduce|serve|doctor|images|clean``.
+"""Command-line interface: ``updatelab agents|run|reproduce|serve|doctor|boxes|images|clean``.
 
 Options of MeshAgent's test/update-test.js map as follows: CycleCount is --cycles,
 MinimumDelay and MaximumDelay are --min-delay and --max-delay, AltBinary is --alt-binary,
@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lab import agents
@@ -82,7 +83,7 @@ def _add_cycle_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fault", choices=[fault.value for fault in Fault], help="inject a server-side fault into every cycle")
     group.add_argument("--reconnect-timeout", type=_seconds, default=45.0, help="seconds to wait for the agent to reconnect (default: 45)")
     group.add_argument("--stall-timeout", type=_seconds, default=30.0, help="seconds to wait for a block acknowledgement (default: 30)")
-    group.add_argument("--report-dir", type=Path, help="write report.json, junit.xml and evidence here")
+    group.add_argument("--report-dir", type=Path, help="write report.json, junit.xml and evidence here (default: none for local runs, $XDG_STATE_HOME/updatelab/runs/RUN_ID for container and VM runs)")
     network = parser.add_argument_group("network faults (the agent connects through a fault proxy)")
     network.add_argument("--net-reset-after", type=_positive, metavar="BYTES", help="reset the connection once this many bytes went to the agent")
     network.add_argument("--net-stall-after", type=_positive, metavar="BYTES", help="stall the connection once this many bytes went to the agent")
@@ -93,7 +94,11 @@ def _add_cycle_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="updatelab", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="updatelab",
+        description="A test lab for MeshAgent self-updates: a simulated MeshCentral server drives the real agent "
+        "through native and recovery-core update cycles and judges every cycle.",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for wire-level debug)")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -116,14 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     reproduce = commands.add_parser("reproduce", help="run fault scenarios against the real agent in containers and judge them")
     reproduce.add_argument("scenarios", nargs="+", type=Path, help="scenario files (TOML), or folders of them")
-    reproduce.add_argument("--report-dir", type=Path, help="write report.json, junit.xml and evidence here")
+    reproduce.add_argument("--report-dir", type=Path, help="write report.json, junit.xml and evidence here (default: $XDG_STATE_HOME/updatelab/runs/RUN_ID)")
     reproduce.add_argument("--parallel", type=_integer_in_range("parallel scenarios", 1, 8), default=2, help="scenarios run at once (default: 2)")
     reproduce.add_argument("--quick", action="store_true", help="skip the scenarios marked slow")
     reproduce.add_argument("--keep", action="store_true", help="keep the containers of failed scenarios for inspection")
 
     serve = commands.add_parser("serve", help="run only the server for an agent started by hand, and print its .msh")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind: loopback or a lab network gateway")
-    serve.add_argument("--port", type=_port, default=0)
+    serve.add_argument("--port", type=_port, default=0, help="server port (default: a free port)")
     _add_cycle_options(serve)
 
     commands.add_parser("doctor", help="check every prerequisite and say how to fix what is missing")
@@ -254,6 +259,12 @@ def _finish(report: Report, report_dir: Path | None) -> int:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    if args.cycles < 1:
+        raise ConfigError(f"--cycles {args.cycles}: a run needs at least 1 cycle")
+    if args.targets is not None and args.provider == "local":
+        raise ConfigError(
+            f"--targets {args.targets} needs --provider docker or --provider vagrant; the local provider runs the agent on this host"
+        )
     modes = _parse_modes(args.mode)
     binaries = load_binaries(args)
     report = Report(settings={"provider": args.provider, "modes": [str(m) for m in modes], "cycles": args.cycles,
@@ -423,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except LabError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        # Messages quote TOML tables such as [fault], which rich would take for markup.
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         return 2
     except Terminated:
         console.print("[yellow]terminated; targets and temporary files were removed[/yellow]")

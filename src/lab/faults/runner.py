@@ -6,9 +6,9 @@ and runs the faulted cycles towards the `to` agent. It then observes where the a
 which binary it reports, whether the service runs, whether an .update file stayed behind. If the
 scenario expects it, the fault is then undone and one clean cycle must succeed.
 
-A watchdog bounds every scenario. When it fires, the runner records how long the agent had been
-silent and what its process was doing (state, kernel wait channel, the last log lines), saves the
-evidence and removes the container, so no scenario can hang the lab.
+A watchdog bounds every scenario, so no scenario can hang the lab. When it fires, the runner
+records how long the agent had been silent and what its process was doing (state, kernel wait
+channel, the files in its folder). It then saves the evidence and removes the container.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from lab.engine.local_run import agent_msh
 from lab.engine.report import FAILED, PASSED, CycleResult, Report
 from lab.errors import LabError
 from lab.protocol.commands import MAX_BLOCK_SIZE
+from lab.protocol.session import NativeUpdate
 from lab.faults.proxy import FaultProxy, ProxyFaults
 from lab.faults.scenario import Outcome, Scenario, Step
 from lab.providers.docker import DockerProvider, DockerTarget
@@ -421,7 +422,9 @@ class ScenarioRun:
                 self.result.fault_fired = f"/tmp is mounted {options.strip()}"
             self.record("fault", f"/tmp mount options: {options.strip()}")
         if scenario.fault.kind == "corrupt-block":
-            blocks = -(-len(new.data) // MAX_BLOCK_SIZE)
+            # Count the blocks of the smaller, zipped update, which the agent gets when it can unzip.
+            payload = NativeUpdate.for_binary(new.data, new.agent_hash, compress=scenario.compress).payload
+            blocks = -(-len(payload) // MAX_BLOCK_SIZE)
             block = scenario.fault.parameters.get("block", 1)
             if block >= blocks:
                 raise ScenarioError(f"block {block} is beyond the last block of the update ({blocks - 1})")
@@ -433,7 +436,7 @@ class ScenarioRun:
         expected = CycleOutcome.REJECTED if Outcome.KEEPS_OLD_BINARY in scenario.outcomes else CycleOutcome.UPDATED
         options = CycleOptions(
             mode=Mode(scenario.mode), count=scenario.cycles, faults=faults, outcome=expected,
-            recovery_core=core, timeouts=SCENARIO_TIMEOUTS,
+            compress=None if scenario.compress else False, recovery_core=core, timeouts=SCENARIO_TIMEOUTS,
         )
         self.driver = AgentDriver(
             server=self.server, mesh_id=mesh_id, target=self.label, binaries=[old, new], options=options,
@@ -462,7 +465,8 @@ class ScenarioRun:
         if scenario.fault.kind == "kill-agent" and scenario.fault.step is Step.HASH_SENT:
             killed = self.target.run("cat /root/updatelab-kill.log", check=False)
             if killed.ok:
-                self.result.fault_fired = killed.output.strip()
+                self.result.fault_fired = f"watcher: {killed.output.strip()}"
+                self.record("fault", self.result.fault_fired)
         self._armed = False
 
         # After a cycle that already waited for a reconnect in vain, a short look is enough.
@@ -711,6 +715,7 @@ def reproduce(scenarios: list[Scenario], *, report_dir: Path | None, parallel: i
     run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
     run_dir = report_dir or (docker_run.state_root() / run_id)
     docker_run.prepare_report_dir(run_dir)
+    console.print(f"run {run_id}: report and evidence go to {run_dir}; after a crash, `updatelab clean --run-id {run_id}`")
     report = Report(settings={"run_id": run_id, "command": "reproduce", "scenarios": [str(s.path) for s in scenarios]})
     with Display(console) as display:
         for scenario in scenarios:

@@ -111,7 +111,8 @@ FAULT_KINDS: dict[str, FaultKind] = {
 }
 
 _TOP_FIELDS = {
-    "description", "target", "from", "to", "mode", "cycles", "watchdog", "settle", "slow", "fault", "expect", "known_failure",
+    "description", "target", "from", "to", "mode", "cycles", "watchdog", "settle", "slow", "compress", "fault", "expect",
+    "known_failure",
 }
 _VERSION = re.compile(r"^(?P<version>\d+\.\d+\.\d+)(?:\+(?P<extra>\d+))?$")
 #: Most bytes a version may append; one is enough to make a distinct binary.
@@ -173,6 +174,8 @@ class Scenario:
     watchdog: float
     settle: float
     slow: bool
+    #: Zip native updates when the agent advertises compression, as MeshCentral does.
+    compress: bool
     fault: Fault
     outcomes: tuple[Outcome, ...]
     known_failure: KnownFailure | None
@@ -216,6 +219,7 @@ def load(path: Path) -> Scenario:
     if settle >= watchdog:
         raise ConfigError(f"{where}: settle ({settle:g} s) must be shorter than watchdog ({watchdog:g} s)")
     slow = _field(data, "slow", bool, where, False)
+    compress = _field(data, "compress", bool, where, True)
 
     fault = _load_fault(_field(data, "fault", dict, where), mode, f"{where}: [fault]")
     managers = FAULT_KINDS[fault.kind].managers
@@ -275,6 +279,7 @@ def load(path: Path) -> Scenario:
         watchdog=watchdog,
         settle=settle,
         slow=slow,
+        compress=compress,
         fault=fault,
         outcomes=tuple(outcomes),
         known_failure=known_failure,
