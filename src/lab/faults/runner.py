@@ -209,14 +209,15 @@ class ScenarioRun:
         if step is not None:
             self._trigger(step)
 
-    def _fault_took_effect(self, detail: str) -> None:
-        if self._armed and self.result.fault_fired is None:
+    def _fault_took_effect(self, detail: str, *, armed_only: bool = True) -> None:
+        if (self._armed or not armed_only) and self.result.fault_fired is None:
             self.result.fault_fired = detail
 
     def _proxy_event(self, kind: str, detail: str) -> None:
         self.record("fault", f"{kind}: {detail}")
         if kind in ("proxy-reset", "proxy-stall", "proxy-drop"):
-            self._fault_took_effect(f"{kind}: {detail}")
+            # A byte-count fault may hit the first connection, before any cycle is armed.
+            self._fault_took_effect(f"{kind}: {detail}", armed_only=False)
 
     def _on_progress(self, target: str, done: int, total: int) -> None:
         self.display.transfer(target, done, total)
