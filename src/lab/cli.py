@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -418,29 +419,31 @@ COMMANDS = {
 }
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived; the run tears down as it does after Ctrl-C."""
+_terminated = False
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    """Turn SIGTERM into SIGINT, so the run tears down exactly as it does after Ctrl-C."""
+    global _terminated
+    _terminated = True
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     try:
         return COMMANDS[args.command](args)
     except LabError as error:
         # Messages quote TOML tables such as [fault], which rich would take for markup.
         console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         return 2
-    except Terminated:
-        console.print("[yellow]terminated; targets and temporary files were removed[/yellow]")
-        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
+        if _terminated:
+            console.print("[yellow]terminated; targets and temporary files were removed[/yellow]")
+            return 128 + signal.SIGTERM
         console.print("[yellow]interrupted; targets and temporary files were removed[/yellow]")
         return 130
     finally:

@@ -268,6 +268,9 @@ class AgentDriver:
         return connection
 
     async def _request_hash(self, connection: AgentConnection, seconds: float | None = None) -> bytes:
+        # NOTE: agent hash replies carry no request id, so the first reply after the request is
+        # taken as its answer. An agent that wakes up after several unanswered requests sends
+        # one reply each, and the later ones can answer a later request with an older state.
         connection.session.request_agent_hash()
         await connection.flush()
         seconds = seconds if seconds is not None else self.options.timeouts.hash_reply

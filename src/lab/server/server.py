@@ -246,7 +246,9 @@ class LabServer:
                         await writer.wait_closed()
                 except (ConnectionError, ssl.SSLError):
                     pass  # the connection is already gone
-                except TimeoutError:
+                except (TimeoutError, asyncio.CancelledError):
+                    # A cancellation here comes from asyncio.run tearing the loop down; ending
+                    # quietly keeps the stream callback from logging it as an error.
                     writer.transport.abort()
             self._tasks.discard(task)
 
