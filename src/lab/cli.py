@@ -441,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         return 2
     except KeyboardInterrupt:
+        # The teardown is done; further Ctrl-C presses must not cut the exit short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if _terminated:
             console.print("[yellow]terminated; targets and temporary files were removed[/yellow]")
             return 128 + signal.SIGTERM
