@@ -1,10 +1,10 @@
 #!/bin/sh
 # Install everything updatelab needs on a Debian machine, as root, and start Docker.
 #
-# Safe to run again. Steps: Debian packages (Node.js and npm for fetching the agents, Python's
-# venv module, Docker and debootstrap for the container lab), the Python package with its test
-# dependencies in .venv, a running Docker engine, and the real MeshAgent binaries of
-# meshcentral 1.1.55 and 0.7.99.
+# Safe to run again. It installs Debian packages: Node.js and npm for fetching the agents,
+# Python's venv module, Docker and debootstrap for the container lab. It then installs the
+# Python package with its test dependencies into .venv, starts the Docker engine, and fetches
+# the real MeshAgent binaries of meshcentral 1.1.55 and 0.7.99.
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)

@@ -191,7 +191,7 @@ class LabServer:
 
     @property
     def agent_url(self) -> str:
-        """Return the URL that agents are told to connect to: the fault proxy's while one runs."""
+        """Return the URL that an agent's .msh names: the fault proxy's while one runs."""
         return f"wss://{self.host}:{self.advertised_port or self.port}{self.agent_path}"
 
     def download_url(self, token: str) -> str:
@@ -292,8 +292,8 @@ class LabServer:
 
         total = len(download.data)
         logger.info("%s: download %s started, %d bytes", peer, token, total)
-        # The server closes the connection after one response, and the header tells the client
-        # not to reuse it.
+        # The server closes the connection after one response, and the header says so, so the
+        # client does not try to reuse it.
         headers = [
             (b"content-type", b"application/octet-stream"),
             (b"content-length", str(total).encode()),
