@@ -385,13 +385,7 @@ def run_docker_matrix(
     console: Console,
 ) -> int:
     """Run every target in every mode and return the exit status of ``updatelab run``."""
-    known = images.known_targets()
-    names = [name.strip() for name in args.targets.split(",") if name.strip()]
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        raise ConfigError(f"unknown target {', '.join(unknown)}; known targets: {', '.join(known)}")
-    if not names:
-        raise ConfigError(f"--targets {args.targets!r} names no target; known targets: {', '.join(known)}")
+    names = parse_targets(args.targets, images.known_targets(), "target")
     expectations = Expectations.load(args.expectations) if args.expectations else None
 
     buildable = []
@@ -424,6 +418,17 @@ def run_docker_matrix(
         run_cleaning_up(_run_matrix(entries, args, options_by_mode, binaries, report, display, run_dir, run_id), run_id)
 
     return finish_matrix(report, run_dir, expectations, [f"{e.target}/{e.mode}" for e in entries], console)
+
+
+def parse_targets(text: str, known: list[str], kind: str) -> list[str]:
+    """Split the comma-separated --targets `text`; raise ConfigError for a name not in `known`, or for none."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ConfigError(f"unknown {kind} {', '.join(unknown)}; known {kind}s: {', '.join(known)}")
+    if not names:
+        raise ConfigError(f"--targets {text!r} names no {kind}; known {kind}s: {', '.join(known)}")
+    return names
 
 
 def finish_matrix(report: Report, run_dir: Path, expectations: Expectations | None, labels: list[str], console: Console) -> int:

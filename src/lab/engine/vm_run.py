@@ -38,6 +38,7 @@ from lab.engine.docker_run import (
     _deploy,
     _process_alive,
     finish_matrix,
+    parse_targets,
     prepare_report_dir,
     state_root,
 )
@@ -270,10 +271,7 @@ def run_vm_matrix(
 ) -> int:
     """Run every VM target in every mode and return the exit status of ``updatelab run``."""
     known = boxes.known_targets()
-    names = [name.strip() for name in args.targets.split(",") if name.strip()]
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        raise ConfigError(f"unknown VM target {', '.join(unknown)}; known VM targets: {', '.join(known)}")
+    names = parse_targets(args.targets, known, "VM target")
     definitions = [boxes.load_definition(name) for name in names]
     for definition in definitions:
         if definition.guest not in DEPLOYABLE_GUESTS:
