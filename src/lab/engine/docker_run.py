@@ -227,11 +227,11 @@ class MatrixEntry:
     mode: Mode
 
 
-def _binaries_for(recipe: images.Recipe, args: argparse.Namespace, explicit: list[AgentBinary]) -> list[AgentBinary]:
-    """Return the binaries for a target: the given ones, or the package's build for its CPU."""
+def binaries_for(agent: str, args: argparse.Namespace, explicit: list[AgentBinary]) -> list[AgentBinary]:
+    """Return the binaries for a target: the given ones, or the package's `agent` file (its OS and CPU build)."""
     if args.binary:
         return explicit
-    binaries = [load_agent_binary(agents.require_package(args.agent_version).binary(recipe.agent))]
+    binaries = [load_agent_binary(agents.require_package(args.agent_version).binary(agent))]
     if args.alt_binary:
         binaries.append(explicit[1])
     return binaries
@@ -260,7 +260,7 @@ async def _run_entry(
 ) -> None:
     label = f"{entry.target}/{entry.mode}"
     recipe = images.load_recipe(entry.target)
-    binaries = _binaries_for(recipe, args, explicit)
+    binaries = binaries_for(recipe.agent, args, explicit)
     options = _container_options(options_by_mode[entry.mode])
     mesh_id = os.urandom(48)
     evidence_dir = run_dir / entry.target / str(entry.mode)

@@ -26,17 +26,19 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lab import agents, boxes
-from lab.agentfile import AgentBinary, load_agent_binary
+from lab import boxes
+from lab.agentfile import AgentBinary
 from lab.certs import generate_identity
 from lab.display import Display
 from lab.engine.cycles import AgentDriver, CycleOptions, Mode
 from lab.engine.docker_run import (
     SERVICE_NAME,
     ContainerProbe,
+    MatrixEntry,
     RunState,
     _deploy,
     _process_alive,
+    binaries_for,
     finish_matrix,
     parse_targets,
     prepare_report_dir,
@@ -122,22 +124,6 @@ def clean_vm_runs(run_id: str | None = None, *, only_crashed: bool = True) -> li
     return removed
 
 
-@dataclasses.dataclass
-class MatrixEntry:
-    target: str
-    mode: Mode
-
-
-def _binaries_for(definition: boxes.BoxDefinition, args: argparse.Namespace, explicit: list[AgentBinary]) -> list[AgentBinary]:
-    """Return the binaries for a target: the given ones, or the package's build for its OS and CPU."""
-    if args.binary:
-        return explicit
-    binaries = [load_agent_binary(agents.require_package(args.agent_version).binary(definition.agent))]
-    if args.alt_binary:
-        binaries.append(explicit[1])
-    return binaries
-
-
 def _vm_options(options: CycleOptions) -> CycleOptions:
     """Return `options` with longer waits, because an agent under TCG emulation starts and restarts slower."""
     timeouts = dataclasses.replace(
@@ -163,7 +149,7 @@ async def _run_entry(
 ) -> None:
     label = f"{entry.target}/{entry.mode}"
     definition = boxes.load_definition(entry.target)
-    binaries = _binaries_for(definition, args, explicit)
+    binaries = binaries_for(definition.agent, args, explicit)
     options = _vm_options(options_by_mode[entry.mode])
     mesh_id = os.urandom(48)
     evidence_dir = run_dir / entry.target / str(entry.mode)
