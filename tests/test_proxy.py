@@ -99,7 +99,8 @@ async def test_reset_after_bytes_hits_only_the_first_connection():
         assert first == PAYLOAD[: len(first)]
         assert isinstance(error, ConnectionResetError) or len(first) < len(PAYLOAD)
         second, error = await read_all(proxy.port)
-        assert second == PAYLOAD and error is None
+        assert second == PAYLOAD
+        assert error is None
     assert [kind for kind, _ in events] == ["proxy-reset"]
     assert "after 100000 bytes" in events[0][1]
 
@@ -112,7 +113,8 @@ async def test_stall_pauses_the_stream_then_resumes():
         started = time.monotonic()
         received, error = await read_all(proxy.port)
         elapsed = time.monotonic() - started
-    assert received == PAYLOAD and error is None
+    assert received == PAYLOAD
+    assert error is None
     assert elapsed >= 1.0
     assert [kind for kind, _ in events] == ["proxy-stall", "proxy-resume"]
 
@@ -124,7 +126,8 @@ async def test_latency_and_rate_cap_slow_the_stream():
         started = time.monotonic()
         received, error = await read_all(proxy.port)
         elapsed = time.monotonic() - started
-    assert received == PAYLOAD and error is None
+    assert received == PAYLOAD
+    assert error is None
     # 1 MiB at 2 MB/s takes at least half a second, plus the latency of the first chunk.
     assert elapsed >= 0.3 + len(PAYLOAD) / 2_000_000 * 0.9
 
@@ -150,7 +153,8 @@ async def test_clear_stops_faults_for_new_connections():
     async with Source() as source, FaultProxy("127.0.0.1", "127.0.0.1", source.port, ProxyFaults(reset_after_bytes=10)) as proxy:
         proxy.clear()
         received, error = await read_all(proxy.port)
-    assert received == PAYLOAD and error is None
+    assert received == PAYLOAD
+    assert error is None
 
 
 @in_loop
@@ -160,7 +164,9 @@ async def test_unreachable_upstream_is_reported():
     async with FaultProxy("127.0.0.1", "127.0.0.1", 9, on_event=lambda *e: events.append(e)) as proxy:
         received, _ = await read_all(proxy.port, timeout=5)
     assert received == b""
-    assert events and events[0][0] == "proxy-error" and "cannot reach the server" in events[0][1]
+    assert events
+    assert events[0][0] == "proxy-error"
+    assert "cannot reach the server" in events[0][1]
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "::0", "0", "", " "])
@@ -204,7 +210,7 @@ async def test_stall_starts_at_the_named_byte():
 @in_loop
 async def test_half_close_is_forwarded():
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Read until the client's end of file, then answer with what arrived.
+        # Read until the client's end of file, then send back what arrived.
         data = await reader.read()
         writer.write(b"got " + data)
         await writer.drain()

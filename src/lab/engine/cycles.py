@@ -197,7 +197,7 @@ class AgentDriver:
 
     @property
     def reported_hash(self) -> bytes | None:
-        """The agent hash from the agent's latest answer, or None before the first one."""
+        """The agent hash from the agent's latest reply, or None before the first one."""
         return self._reported_hash
 
     # -- helpers -------------------------------------------------------------------------------
@@ -268,9 +268,9 @@ class AgentDriver:
         return connection
 
     async def _request_hash(self, connection: AgentConnection, seconds: float | None = None) -> bytes:
-        # NOTE: agent hash replies carry no request id, so the first reply after the request is
-        # taken as its answer. An agent that wakes up after several unanswered requests sends
-        # one reply each, and the later ones can answer a later request with an older state.
+        # NOTE: agent hash replies carry no request id, so the first reply after the request
+        # is taken for the reply to it. An agent that wakes up after several requests without
+        # a reply sends one reply to each, and a late one can pass for a later request's reply.
         connection.session.request_agent_hash()
         await connection.flush()
         seconds = seconds if seconds is not None else self.options.timeouts.hash_reply

@@ -185,7 +185,7 @@ class ScenarioRun:
         self.download_relay: FaultProxy | None = None
         self.driver: AgentDriver | None = None
         self._armed = False
-        self._fired = False
+        self._triggered = False
         self._last_agent_activity = time.monotonic()
         self._last_step = "starting"
         self._background: set[asyncio.Task[None]] = set()
@@ -227,17 +227,17 @@ class ScenarioRun:
             self._trigger(Step.TRANSFER_HALF if self.scenario.mode == "native" else Step.DOWNLOAD_HALF)
 
     def _trigger(self, step: Step) -> None:
-        if not self._armed or self._fired:
+        if not self._armed or self._triggered:
             return
         fault = self.scenario.fault
         if fault.kind == "kill-agent" and fault.step is Step.HASH_SENT and step is Step.TRANSFER_DONE:
             # The agent swaps within milliseconds of the final hash, faster than a command
             # started from the host. A watcher started in the target before the hash goes out
             # kills the agent the moment the rename removed the .update file.
-            self._fired = True
+            self._triggered = True
             self._kill_after_swap()
         elif step is fault.step:
-            self._fired = True
+            self._triggered = True
             self.inject(step)
 
     def _kill_after_swap(self) -> None:
@@ -453,7 +453,7 @@ class ScenarioRun:
 
         self._armed = True
         for index in range(scenario.cycles):
-            self._fired = scenario.fault.step is Step.DEPLOYED
+            self._triggered = scenario.fault.step is Step.DEPLOYED
             # Each cycle updates to the binary the agent does not run, so an update always shows.
             binary = old if self.driver.reported_hash == new.agent_hash else new
             installed = self.driver.reported_hash or installed
@@ -567,8 +567,8 @@ class ScenarioRun:
         if alive and silent >= HANG_SILENCE:
             self.result.observed[Outcome.HANGS] = text
         else:
-            why = "no agent process runs" if not alive else f"the agent was silent for only {silent:.0f} s"
-            self.result.reason = f"the watchdog fired after {self.scenario.watchdog:g} s, but {why}, so it is no hang"
+            cause = "no agent process runs" if not alive else f"the agent was silent for only {silent:.0f} s"
+            self.result.reason = f"the watchdog fired after {self.scenario.watchdog:g} s, but {cause}, so it is no hang"
 
     def _judge(self) -> None:
         result = self.result

@@ -77,15 +77,15 @@ def decide(results: list[ProbeResult], kvm_present: bool) -> AccelDecision:
         return AccelDecision("kvm", f"a KVM guest printed its kernel banner in {kvm.seconds:.1f} s", tuple(results))
     if tcg is not None and tcg.booted:
         if not kvm_present:
-            why = "/dev/kvm is missing or not writable"
+            reason = "/dev/kvm is missing or not writable"
         elif kvm is None:
-            why = "KVM was not probed"
+            reason = "KVM was not probed"
         elif kvm.console_tail.startswith(("QEMU stopped", "virsh create failed")):
-            why = "KVM failed to start a guest (" + kvm.console_tail.splitlines()[-1].strip() + ")"
+            reason = "KVM failed to start a guest (" + kvm.console_tail.splitlines()[-1].strip() + ")"
         else:
-            why = f"a KVM guest printed nothing on its serial console in {kvm.seconds:.0f} s"
+            reason = f"a KVM guest printed nothing on its serial console in {kvm.seconds:.0f} s"
         return AccelDecision(
-            "qemu", f"{why}; a TCG guest printed its kernel banner in {tcg.seconds:.1f} s, so VMs use TCG emulation (slower)",
+            "qemu", f"{reason}; a TCG guest printed its kernel banner in {tcg.seconds:.1f} s, so VMs use TCG emulation (slower)",
             tuple(results),
         )
     details = "\n".join(f"--- {result.domain_type} probe console ---\n{result.console_tail or '(empty)'}" for result in results)

@@ -77,15 +77,15 @@ def pick_subnet(run_id: str, used: list[str]) -> ipaddress.IPv4Network:
     """Return the first /24 of SUBNET_POOL, from an offset derived from `run_id`, that overlaps none of `used`."""
     subnets = list(SUBNET_POOL.subnets(new_prefix=24))
     start = int.from_bytes(hashlib.sha256(run_id.encode()).digest()[:2], "big") % len(subnets)
-    taken = []
+    used_subnets = []
     for text in used:
         try:
-            taken.append(ipaddress.ip_network(text, strict=False))
+            used_subnets.append(ipaddress.ip_network(text, strict=False))
         except ValueError:
             continue
     for offset in range(len(subnets)):
         subnet = subnets[(start + offset) % len(subnets)]
-        if not any(subnet.overlaps(other) for other in taken if other.version == 4):
+        if not any(subnet.overlaps(other) for other in used_subnets if other.version == 4):
             return subnet
     raise ProviderError(f"no free /24 subnet left in {SUBNET_POOL} for network {network_name(run_id)}; run `updatelab clean`")
 
@@ -396,8 +396,8 @@ def console_tail(path: Path, lines: int = 40) -> str:
         text = path.read_text(errors="replace")
     except OSError as error:
         return f"(serial console log {path} unavailable: {error.strerror})"
-    kept = [line for line in text.replace("\r", "").splitlines() if line.strip()]
-    return "\n".join(kept[-lines:]) or f"({path.name} is empty)"
+    nonblank_lines = [line for line in text.replace("\r", "").splitlines() if line.strip()]
+    return "\n".join(nonblank_lines[-lines:]) or f"({path.name} is empty)"
 
 
 # --- provider ---------------------------------------------------------------------------------
@@ -508,13 +508,13 @@ class VagrantProvider(Provider):
         try:
             client.up(vm_name=machine, provider="libvirt")
         except subprocess.CalledProcessError as error:
-            what = (
+            failure = (
                 f"did not boot within the boot timeout of {self.boot_timeout:.0f} s, so `vagrant up` was stopped"
                 if timed_out.is_set()
                 else f"`vagrant up` failed with exit status {error.returncode} after {time.monotonic() - started:.0f} s"
             )
             raise TargetBootError(
-                f"{machine}: {what} (domain type {self.domain_type}). Raise it with --boot-timeout if the host is slow.\n"
+                f"{machine}: {failure} (domain type {self.domain_type}). Raise it with --boot-timeout if the host is slow.\n"
                 f"Last lines of {output_log}:\n{console_tail(output_log, 15)}\n"
                 f"Last lines of the serial console {console_log}:\n{console_tail(console_log, 25)}"
             ) from error
