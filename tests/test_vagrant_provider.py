@@ -435,3 +435,40 @@ def test_ssh_unreachable_shows_console(tmp_path):
     assert "SSH to 127.0.0.1:1 as root" in message
     assert "failed for 1 s" in message
     assert "Kernel panic - not syncing" in message
+
+
+def _libvirtd_stopped(monkeypatch):
+    monkeypatch.setattr(libvirt_util.shutil, "which", lambda name: "/usr/bin/virsh")
+
+    def fake_run(command, **kwargs):
+        return subprocess.CompletedProcess(command, 1, "", "error: failed to connect to the hypervisor\n")
+
+    monkeypatch.setattr(libvirt_util.subprocess, "run", fake_run)
+
+
+def test_clean_without_libvirtd_skips_runs_that_used_no_vm(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from lab.cli_boxes import clean_vms
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    _libvirtd_stopped(monkeypatch)
+    console = Console(record=True, width=200)
+    clean_vms("20260101-000000-aaaaaa", console)
+    clean_vms(None, console)
+    assert console.export_text().count("libvirtd is not running and no VM run is recorded here") == 2
+
+
+def test_clean_without_libvirtd_fails_for_a_vm_run(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from lab.cli_boxes import clean_vms
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    run_id = "20260101-000000-bbbbbb"
+    vm_run.work_root(run_id).mkdir(parents=True)
+    _libvirtd_stopped(monkeypatch)
+    for requested in (run_id, None):
+        with pytest.raises(PrerequisiteError, match="libvirtd is not reachable"):
+            clean_vms(requested, Console(record=True))
+        assert vm_run.work_root(run_id).is_dir()

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lab import boxes
-from lab.errors import ConfigError
+from lab.errors import ConfigError, PrerequisiteError
 
 
 def command_boxes(args: argparse.Namespace, console: Console) -> int:
@@ -49,7 +49,24 @@ def clean_vms(run_id: str | None, console: Console) -> None:
     """Remove the VMs, volumes, networks and working folders of VM runs, when libvirt is installed."""
     if shutil.which("virsh") is None:
         return
-    from lab.engine.vm_run import clean_vm_runs
+    from lab.engine.vm_run import clean_vm_runs, work_root
+    from lab.engine.docker_run import state_root
+    from lab.providers import libvirt_util
 
+    # With libvirtd stopped, libvirt objects cannot be listed. A run that never used a VM has
+    # no work root, and there is nothing of it to look for in libvirt. A run that did keeps its
+    # work root until libvirtd is back, so that a later clean still finds it.
+    if run_id is not None:
+        recorded = work_root(run_id).is_dir()
+    else:
+        folder = state_root()
+        recorded = folder.is_dir() and any(path.is_dir() for path in folder.glob("*.vagrant"))
+    try:
+        libvirt_util.virsh("uri")
+    except PrerequisiteError:
+        if recorded:
+            raise
+        console.print("libvirtd is not running and no VM run is recorded here; VM objects were not checked")
+        return
     removed = clean_vm_runs(run_id, only_crashed=False)
     console.print(f"removed {len(removed)} VM objects" + (": " + ", ".join(removed) if removed else ""))
