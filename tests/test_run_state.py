@@ -86,3 +86,19 @@ def test_mark_cleaned(state_home):
     docker_run.mark_cleaned("run-x")
     assert json.loads(path.read_text())["status"] == "cleaned"
     docker_run.mark_cleaned("absent")  # no file: nothing to do
+
+
+def test_clean_reaches_vms_when_docker_fails(state_home, monkeypatch, capsys):
+    from lab import cli, cli_boxes
+    from lab.errors import PrerequisiteError
+    from lab.providers import docker as docker_provider
+
+    def docker_stopped(run_id):
+        raise PrerequisiteError("the Docker daemon is not running")
+
+    vm_calls = []
+    monkeypatch.setattr(docker_provider, "clean", docker_stopped)
+    monkeypatch.setattr(cli_boxes, "clean_vms", lambda run_id, console: vm_calls.append(run_id))
+    assert cli.main(["clean", "--run-id", "20260101-000000-cccccc"]) == 2
+    assert vm_calls == ["20260101-000000-cccccc"]
+    assert "the Docker daemon is not running" in capsys.readouterr().out

@@ -397,9 +397,22 @@ def command_clean(args: argparse.Namespace) -> int:
 
     from lab.cli_boxes import clean_vms
 
-    clean_vms(args.run_id, console)
-    removed = docker_provider.clean(args.run_id)
-    console.print(f"removed {len(removed)} labelled containers and networks" + (": " + ", ".join(removed) if removed else ""))
+    # Both parts run even when one of them fails, so that a stopped libvirtd does not keep
+    # containers, nor a stopped dockerd VMs. The first failure is raised afterwards.
+    failures: list[LabError] = []
+    try:
+        removed = docker_provider.clean(args.run_id)
+        console.print(f"removed {len(removed)} labelled containers and networks" + (": " + ", ".join(removed) if removed else ""))
+    except LabError as error:
+        failures.append(error)
+    try:
+        clean_vms(args.run_id, console)
+    except LabError as error:
+        failures.append(error)
+    for error in failures[1:]:
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+    if failures:
+        raise failures[0]
     if args.run_id:
         from lab.engine.docker_run import mark_cleaned
 

@@ -57,14 +57,14 @@ def clean_vms(run_id: str | None, console: Console) -> None:
     # no work root, and there is nothing of it to look for in libvirt. A run that did keeps its
     # work root until libvirtd is back, so that a later clean still finds it.
     if run_id is not None:
-        recorded = work_root(run_id).is_dir()
+        vm_run_recorded = work_root(run_id).is_dir()
     else:
-        folder = state_root()
-        recorded = folder.is_dir() and any(path.is_dir() for path in folder.glob("*.vagrant"))
+        runs_folder = state_root()
+        vm_run_recorded = runs_folder.is_dir() and any(path.is_dir() for path in runs_folder.glob("*.vagrant"))
     try:
         libvirt_util.virsh("uri")
     except PrerequisiteError:
-        if recorded:
+        if vm_run_recorded:
             raise
         console.print("libvirtd is not running and no VM run is recorded here; VM objects were not checked")
         return
