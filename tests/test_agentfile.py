@@ -300,9 +300,21 @@ def test_msh_empty_value_kept():
     assert parse_msh("disableUpdate=\n") == {"disableUpdate": ""}
 
 
-@pytest.mark.parametrize(("key", "value"), [("a\nb", "1"), ("a", "1\n2"), ("a=b", "1")])
-def test_msh_format_rejects(key, value):
-    with pytest.raises(ConfigError, match="line break or '='"):
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("a\nb", "1", "line break"),
+        ("a", "1\n2", "line break"),
+        ("a", "1\r", "line break"),
+        ("a=b", "1", "contains '='"),
+        ("", "1", "key is empty"),
+        ("#MeshServer", "wss://127.0.0.1:1/agent.ashx", "comment"),
+        (" a", "1", "trims spaces"),
+        ("a", "1 ", "trims spaces"),
+    ],
+)
+def test_msh_format_rejects(key, value, problem):
+    with pytest.raises(ConfigError, match=f"invalid .msh setting .*{problem}"):
         format_msh({key: value})
 
 

@@ -368,3 +368,11 @@ def test_block_size_fills_reassembly_limit():
 
 def test_json_builder_parses_back():
     assert json.loads(commands.build_json({"k": [1, 2]})) == {"k": [1, 2]}
+
+
+@pytest.mark.parametrize("request_id", [-1, 0x10000])
+def test_build_rejects_request_id_out_of_range(request_id):
+    with pytest.raises(LocalProtocolError, match=f"invalid request id {request_id}"):
+        commands.build_agent_hash_request(request_id)
+    with pytest.raises(LocalProtocolError, match="0 to 65535"):
+        commands.build_agent_update_block(b"block", request_id)

@@ -111,6 +111,21 @@ def test_close_without_code():
     assert events == [CloseFrame(None, "")]
 
 
+@pytest.mark.parametrize("code", [1000, 1003, 1007, 1014, 3000, 4999])
+def test_close_codes_accepted(code):
+    _, events = read_all(client_frame(CLOSE, struct.pack(">H", code)))
+    assert events == [CloseFrame(code, "")]
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [(b"\x03", "1-byte payload"), (struct.pack(">H", 1006), "code 1006"), (struct.pack(">H", 5000), "code 5000")],
+)
+def test_close_payload_rejected(payload, message):
+    with pytest.raises(PeerProtocolError, match=message):
+        read_all(client_frame(CLOSE, payload))
+
+
 def test_several_messages_in_one_read():
     data = client_frame(BINARY, b"a") + client_frame(TEXT, b"{}") + client_frame(BINARY, b"c", mask=None)
     _, events = read_all(data)

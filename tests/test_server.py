@@ -208,10 +208,31 @@ def test_oversized_length_header_closes_1009(identity):
     run(with_bystander(identity, action))
 
 
+def test_frames_before_oversized_frame_handled(identity):
+    async def action(server: LabServer):
+        client = await AgentClient.connect(HOST, server.port, new_agent(identity))
+        await client.send_raw(client_frame(0x9, b"first") + client_frame(0x2, b"x" * 5000))
+        frame = await client.receive_frame(TIMEOUT)
+        assert (frame.opcode, frame.payload) == (0xA, b"first")
+        close = await client.receive_close(TIMEOUT)
+        assert close.close_code == 1009
+        await client.close()
+
+    run(with_bystander(identity, action, max_message_size=4096))
+
+
 @pytest.mark.parametrize(
     "frame",
-    [client_frame(0x2, b"a", rsv=0x40), client_frame(0x3, b"a"), client_frame(0x0, b"a")],
-    ids=["reserved-bit", "bad-opcode", "orphan-continuation"],
+    [
+        client_frame(0x2, b"a", rsv=0x40),
+        client_frame(0x3, b"a"),
+        client_frame(0x0, b"a"),
+        client_frame(0x8, b"\x03"),
+        client_frame(0x8, struct.pack(">H", 1005)),
+        client_frame(0x8, struct.pack(">H", 999)),
+        client_frame(0x8, struct.pack(">H", 2000)),
+    ],
+    ids=["reserved-bit", "bad-opcode", "orphan-continuation", "close-1-byte", "close-1005", "close-999", "close-2000"],
 )
 def test_invalid_framing_closes_1002(identity, frame):
     async def action(server: LabServer):

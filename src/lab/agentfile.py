@@ -230,11 +230,30 @@ def parse_msh(text: str | bytes) -> dict[str, str]:
 
 
 def format_msh(settings: Mapping[str, str] | Iterable[tuple[str, str]]) -> bytes:
-    """Render settings as .msh text with LF line endings."""
+    """Render settings as .msh text with LF line endings.
+
+    Raises ConfigError for a setting that the agent's reader would not read back as written.
+    """
     items = settings.items() if isinstance(settings, Mapping) else settings
     lines = []
     for key, value in items:
-        if "\n" in key or "\n" in value or "=" in key:
-            raise ConfigError(f".msh key {key!r} or its value contains a line break or '='")
+        problem = _msh_setting_problem(key, value)
+        if problem:
+            raise ConfigError(f"invalid .msh setting {key!r}={value!r}: {problem}")
         lines.append(f"{key}={value}")
     return ("\n".join(lines) + "\n").encode()
+
+
+def _msh_setting_problem(key: str, value: str) -> str | None:
+    """Return why `parse_msh` would read the setting back differently, or None."""
+    if "\n" in key + value or "\r" in key + value:
+        return "it contains a line break"
+    if "=" in key:
+        return "the key contains '='"
+    if not key.strip():
+        return "the key is empty"
+    if key.strip().startswith("#"):
+        return "a key starting with '#' makes the line a comment"
+    if key != key.strip() or value != value.strip():
+        return "the agent trims spaces around keys and values"
+    return None

@@ -251,6 +251,8 @@ def parse_agent_message(data: bytes) -> AgentMessage:
 
 
 def _header(command: CommandId, request_id: int = 0) -> bytes:
+    if not 0 <= request_id <= 0xFFFF:
+        raise LocalProtocolError(f"invalid request id {request_id}: the header has 16 bits for it (0 to 65535)")
     return struct.pack(">HH", command, request_id)
 
 

@@ -167,8 +167,7 @@ class FrameReader:
             case Opcode.PONG:
                 self._events.append(PongFrame(payload))
             case Opcode.CLOSE:
-                code = struct.unpack_from(">H", payload)[0] if len(payload) >= 2 else None
-                self._events.append(CloseFrame(code, payload[2:].decode("utf-8", errors="replace")))
+                self._events.append(_parse_close(payload))
             case Opcode.CONTINUATION:
                 if self._fragment_opcode is None:
                     raise PeerProtocolError("continuation frame without a message to continue")
@@ -187,6 +186,20 @@ class FrameReader:
         self._events.append(DataMessage(bytes(self._fragments), opcode is Opcode.TEXT))
         self._fragments = bytearray()
         self._fragment_opcode = None
+
+
+def _parse_close(payload: bytes) -> CloseFrame:
+    """Return the close frame that `payload` encodes, checked against RFC 6455 sections 5.5.1 and 7.4."""
+    if not payload:
+        return CloseFrame(None, "")
+    if len(payload) == 1:
+        raise PeerProtocolError("close frame with a 1-byte payload; a close code takes 2 bytes")
+    code = struct.unpack_from(">H", payload)[0]
+    # RFC 6455 section 7.4: 1004 is reserved, 1005, 1006 and 1015 must not be sent, and the rest
+    # of 1000-2999 is left to later specifications. IANA has since registered 1012-1014.
+    if not (1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999):
+        raise PeerProtocolError(f"close frame with code {code}, which a peer may not send")
+    return CloseFrame(code, payload[2:].decode("utf-8", errors="replace"))
 
 
 def _unmask(payload: bytes, mask: bytes) -> bytes:

@@ -379,21 +379,13 @@ class LabServer:
             if not data:
                 connection.close_reason = connection.close_reason or "connection lost"
                 return
+            # Frames that came before a bad one in the same read are handled first, in order.
+            framing_error: PeerProtocolError | None = None
             try:
                 frame_reader.receive_data(data)
-                connection.unmasked_frames = frame_reader.unmasked_frames
-            except frames.MessageTooBig as error:
-                self._deliver(connection, [ProtocolViolation(str(error))])
-                connection.close_reason = "oversized message"
-                writer.write(frames.encode_close(1009, "message too big"))
-                await writer.drain()
-                return
             except PeerProtocolError as error:
-                self._deliver(connection, [ProtocolViolation(f"invalid websocket framing: {error}")])
-                connection.close_reason = "invalid websocket framing"
-                writer.write(frames.encode_close(1002, "protocol error"))
-                await writer.drain()
-                return
+                framing_error = error
+            connection.unmasked_frames = frame_reader.unmasked_frames
 
             for frame in frame_reader.events():
                 match frame:
@@ -412,6 +404,19 @@ class LabServer:
                         writer.write(frames.encode_close(1000))
                         await writer.drain()
                         return
+
+            if isinstance(framing_error, frames.MessageTooBig):
+                self._deliver(connection, [ProtocolViolation(str(framing_error))])
+                connection.close_reason = "oversized message"
+                writer.write(frames.encode_close(1009, "message too big"))
+                await writer.drain()
+                return
+            if framing_error is not None:
+                self._deliver(connection, [ProtocolViolation(f"invalid websocket framing: {framing_error}")])
+                connection.close_reason = "invalid websocket framing"
+                writer.write(frames.encode_close(1002, "protocol error"))
+                await writer.drain()
+                return
             await send_pending()
 
     def _deliver(self, connection: AgentConnection, events: list[Event]) -> None:
