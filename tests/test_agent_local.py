@@ -379,7 +379,7 @@ def read_lines(stream, lines: queue.Queue[str]) -> None:
 
 def test_cli_interrupt(tmp_path: Path) -> None:
     temp_dir = tmp_path / "tmp"
-    command = cli_command() + ["run", "--cycles", "50"]
+    command = cli_command() + ["run", "--cycles", "50", "--report-dir", str(tmp_path / "report")]
     process = subprocess.Popen(
         command, env=cli_environment(temp_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -412,3 +412,5 @@ def test_cli_interrupt(tmp_path: Path) -> None:
     assert processes_under(temp_dir) == []
     assert not folders[0].exists()
     assert returncode == 130
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["settings"]["interrupted"] is True

@@ -119,3 +119,6 @@ def test_interrupted_scenario_leaves_nothing(tmp_path: Path, agent_packages, int
     state_data = json.loads(state_file.read_text())
     assert state_data["status"] == "cleaned"
     assert labelled_objects(state_data["run_id"]) == []
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["settings"]["interrupted"] is True
+    assert report["scenarios"] == []

@@ -26,7 +26,7 @@ from lab import agents
 from lab.agentfile import AgentBinary, load_agent_binary
 from lab.display import Display, summary_table
 from lab.engine.cycles import CycleOptions, Fault, Mode, Timeouts
-from lab.engine.report import Report
+from lab.engine.report import Report, written_when_interrupted
 from lab.errors import ConfigError, LabError
 from lab.faults.proxy import ProxyFaults
 from lab.protocol.commands import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
@@ -288,11 +288,14 @@ def command_run(args: argparse.Namespace) -> int:
 
     from lab.engine.local_run import run_local
 
-    with Display(console) as display:
+    report_dir = args.report_dir
+    with Display(console) as display, written_when_interrupted(
+        report, lambda: report.write(report_dir) if report_dir is not None else [], console.print
+    ):
         for options in options_by_mode.values():
             display.plan("local", str(options.mode), options.count)
             asyncio.run(run_local(binaries, options, report, port=args.port, keep=args.keep,
-                                  report_dir=args.report_dir, display=display, network=args.network))
+                                  report_dir=report_dir, display=display, network=args.network))
     return _finish(report, args.report_dir)
 
 

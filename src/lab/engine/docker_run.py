@@ -33,7 +33,7 @@ from lab.display import Display, summary_table
 from lab.engine.cycles import AgentDriver, CycleOptions, Mode, Outcome
 from lab.engine.expectations import Expectations, judge_matrix
 from lab.engine.local_run import agent_msh
-from lab.engine.report import FAILED, CycleResult, Report
+from lab.engine.report import FAILED, CycleResult, Report, written_when_interrupted
 from lab.errors import ConfigError, LabError
 from lab.faults.proxy import proxied
 from lab.providers import docker as docker_provider
@@ -415,7 +415,8 @@ def run_docker_matrix(
         for name in buildable:
             with console.status(f"checking image {name} …") as status:
                 images.build(name, progress=lambda event, status=status: status.update(f"{event.target}: {event.step}: {event.message[:80]}"))
-        run_cleaning_up(_run_matrix(entries, args, options_by_mode, binaries, report, display, run_dir, run_id), run_id)
+        with written_when_interrupted(report, lambda: report.write(run_dir), console.print):
+            run_cleaning_up(_run_matrix(entries, args, options_by_mode, binaries, report, display, run_dir, run_id), run_id)
 
     return finish_matrix(report, run_dir, expectations, [f"{e.target}/{e.mode}" for e in entries], console)
 

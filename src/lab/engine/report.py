@@ -6,10 +6,12 @@ and one record per update cycle with its verdict.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,28 @@ class Report:
         junit_path = directory / "junit.xml"
         junit_path.write_bytes(render_junit(self))
         return [json_path, junit_path]
+
+
+@contextlib.contextmanager
+def written_when_interrupted(
+    report: Report, write: Callable[[], list[Path]], announce: Callable[[str], object]
+) -> Iterator[None]:
+    """Write the report with `write` when Ctrl-C or SIGTERM ends the block, then re-raise.
+
+    The report then covers the cycles that finished, and its settings contain ``"interrupted": true``.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        report.settings["interrupted"] = True
+        try:
+            paths = write()
+        except OSError as error:
+            announce(f"cannot write the report of the interrupted run: {error}")
+        else:
+            for path in paths:
+                announce(f"wrote {path} (the run was interrupted; it covers the cycles that finished)")
+        raise
 
 
 def render_junit(report: Report) -> bytes:

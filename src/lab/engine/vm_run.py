@@ -46,7 +46,7 @@ from lab.engine.docker_run import (
 )
 from lab.engine.expectations import Expectations
 from lab.engine.local_run import agent_msh
-from lab.engine.report import FAILED, CycleResult, Report
+from lab.engine.report import FAILED, CycleResult, Report, written_when_interrupted
 from lab.errors import ConfigError, LabError
 from lab.faults.proxy import proxied
 from lab.providers import accel, libvirt_util
@@ -300,6 +300,7 @@ def run_vm_matrix(
     with Display(console) as display:
         for entry in entries:
             display.plan(f"{entry.target}/{entry.mode}", str(entry.mode), args.cycles)
-        asyncio.run(_run_matrix(entries, args, options_by_mode, binaries, report, display, run_dir, provider, state))
+        with written_when_interrupted(report, lambda: report.write(run_dir), console.print):
+            asyncio.run(_run_matrix(entries, args, options_by_mode, binaries, report, display, run_dir, provider, state))
 
     return finish_matrix(report, run_dir, expectations, [f"{e.target}/{e.mode}" for e in entries], console)

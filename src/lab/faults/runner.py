@@ -36,7 +36,7 @@ from lab.engine import docker_run
 from lab.engine.cycles import AgentDriver, CycleFailure, CycleFaults, CycleOptions, Mode, Reason, Timeouts
 from lab.engine.cycles import Outcome as CycleOutcome
 from lab.engine.local_run import agent_msh
-from lab.engine.report import FAILED, PASSED, CycleResult, Report
+from lab.engine.report import FAILED, PASSED, CycleResult, Report, written_when_interrupted
 from lab.errors import LabError
 from lab.protocol.commands import MAX_BLOCK_SIZE
 from lab.protocol.session import NativeUpdate
@@ -661,11 +661,11 @@ def _cycle_summary(result: CycleResult, *, clean: bool = False) -> dict[str, Any
 
 
 async def _run_all(scenarios: list[Scenario], report: Report, display: Display, run_dir: Path, run_id: str,
-                   parallel: int, keep: bool) -> list[ScenarioResult]:
+                   parallel: int, keep: bool, results: list[ScenarioResult]) -> list[ScenarioResult]:
+    """Run `scenarios`, appending each result to `results` as it finishes, and return them in order."""
     provider = DockerProvider(run_id)
     provider.preflight()
     state = docker_run.RunState(run_id)
-    results: list[ScenarioResult] = []
     try:
         gateway = await asyncio.to_thread(lambda: provider.server_address)
         state.step("network", f"created {provider.network_name}, gateway {gateway}")
@@ -696,6 +696,10 @@ async def _run_all(scenarios: list[Scenario], report: Report, display: Display, 
             state.finish("cleaned")
         else:
             state.finish("kept")
+    return _in_catalogue_order(results, scenarios)
+
+
+def _in_catalogue_order(results: list[ScenarioResult], scenarios: list[Scenario]) -> list[ScenarioResult]:
     order = {scenario.name: index for index, scenario in enumerate(scenarios)}
     return sorted(results, key=lambda result: order[result.name])
 
@@ -725,7 +729,13 @@ def reproduce(scenarios: list[Scenario], *, report_dir: Path | None, parallel: i
         for target in sorted({scenario.target for scenario in scenarios}):
             with console.status(f"checking image {target} …") as status:
                 images.build(target, progress=lambda event, status=status: status.update(f"{event.target}: {event.step}: {event.message[:80]}"))
-        results = docker_run.run_cleaning_up(_run_all(scenarios, report, display, run_dir, run_id, parallel, keep), run_id)
+        finished: list[ScenarioResult] = []
+        with written_when_interrupted(
+            report, lambda: write_report(report, _in_catalogue_order(finished, scenarios), run_dir), console.print
+        ):
+            results = docker_run.run_cleaning_up(
+                _run_all(scenarios, report, display, run_dir, run_id, parallel, keep, finished), run_id
+            )
 
     console.print(scenario_table(results))
     run_dir.mkdir(parents=True, exist_ok=True)
