@@ -276,7 +276,14 @@ def test_msh_round_trip():
 
 
 def test_msh_format_pairs():
-    assert format_msh([("a", "1"), ("b", "x=y")]) == b"a=1\nb=x=y\n"
+    assert format_msh([("a", "1"), ("b", "x=y"), ("c", "1\x0b"), ("MeshID", "0xAB01"), ("d", "")]) == (
+        b"a=1\nb=x=y\nc=1\x0b\nMeshID=0xAB01\nd=\n"
+    )
+
+
+def test_msh_format_rejects_repeated_key():
+    with pytest.raises(ConfigError, match="the key is repeated"):
+        format_msh([("MeshServer", "wss://127.0.0.1:1/agent.ashx"), ("MeshServer", "wss://127.0.0.1:2/agent.ashx")])
 
 
 def test_msh_crlf():
@@ -293,7 +300,12 @@ def test_msh_value_split_at_first_equals():
 
 
 def test_msh_whitespace_trimmed():
-    assert parse_msh("  key =  value  \n") == {"key": "value"}
+    # The agent trims the line and the value, but keeps a space before the "=" in the key.
+    assert parse_msh("  key =  value  \n\tother=\t1 \r\n") == {"key ": "value", "other": "1"}
+
+
+def test_msh_empty_key_ignored():
+    assert parse_msh("=value\nkey=1\n") == {"key": "1"}
 
 
 def test_msh_empty_value_kept():
@@ -309,8 +321,12 @@ def test_msh_empty_value_kept():
         ("a=b", "1", "contains '='"),
         ("", "1", "key is empty"),
         ("#MeshServer", "wss://127.0.0.1:1/agent.ashx", "comment"),
-        (" a", "1", "trims spaces"),
-        ("a", "1 ", "trims spaces"),
+        (" a", "1", "trims spaces and tabs"),
+        ("a", "1 ", "trims spaces and tabs"),
+        ("a", "\t1", "trims spaces and tabs"),
+        ("CoreModule", "1", "ignores the key CoreModule"),
+        ("MeshName", "0xcafe shop", "reads a value starting with 0x as hex"),
+        ("MeshID", "0xabc", "reads a value starting with 0x as hex"),
     ],
 )
 def test_msh_format_rejects(key, value, problem):

@@ -122,3 +122,4 @@ def test_interrupted_scenario_leaves_nothing(tmp_path: Path, agent_packages, int
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["settings"]["interrupted"] is True
     assert report["scenarios"] == []
+    assert "run interrupted" in (tmp_path / "report" / "junit.xml").read_text()

@@ -12,6 +12,7 @@ from lab.protocol.frames import (
     CloseFrame,
     DataMessage,
     FrameReader,
+    InvalidCloseReason,
     MessageTooBig,
     Opcode,
     PingFrame,
@@ -111,7 +112,7 @@ def test_close_without_code():
     assert events == [CloseFrame(None, "")]
 
 
-@pytest.mark.parametrize("code", [1000, 1003, 1007, 1014, 3000, 4999])
+@pytest.mark.parametrize("code", [1000, 1003, 1007, 1012, 1014, 3000, 4999])
 def test_close_codes_accepted(code):
     _, events = read_all(client_frame(CLOSE, struct.pack(">H", code)))
     assert events == [CloseFrame(code, "")]
@@ -119,11 +120,17 @@ def test_close_codes_accepted(code):
 
 @pytest.mark.parametrize(
     ("payload", "message"),
-    [(b"\x03", "1-byte payload"), (struct.pack(">H", 1006), "code 1006"), (struct.pack(">H", 5000), "code 5000")],
+    [(b"\x03", "1-byte payload")] + [(struct.pack(">H", code), f"code {code}") for code in (999, 1004, 1005, 1006, 1015, 1016, 2999, 5000)],
 )
 def test_close_payload_rejected(payload, message):
     with pytest.raises(PeerProtocolError, match=message):
         read_all(client_frame(CLOSE, payload))
+
+
+def test_close_reason_must_be_utf8():
+    with pytest.raises(InvalidCloseReason, match="not valid UTF-8") as raised:
+        read_all(client_frame(CLOSE, struct.pack(">H", 1000) + b"\xff\xfe"))
+    assert raised.value.close_code == 1007
 
 
 def test_several_messages_in_one_read():

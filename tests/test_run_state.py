@@ -88,7 +88,7 @@ def test_mark_cleaned(state_home):
     docker_run.mark_cleaned("absent")  # no file: nothing to do
 
 
-def test_clean_reaches_vms_when_docker_fails(state_home, monkeypatch, capsys):
+def test_clean_reaches_vms_after_docker_fails(state_home, monkeypatch, capsys):
     from lab import cli, cli_boxes
     from lab.errors import PrerequisiteError
     from lab.providers import docker as docker_provider
@@ -96,9 +96,17 @@ def test_clean_reaches_vms_when_docker_fails(state_home, monkeypatch, capsys):
     def docker_stopped(run_id):
         raise PrerequisiteError("the Docker daemon is not running")
 
+    def libvirtd_stopped(run_id, console):
+        vm_calls.append(run_id)
+        raise PrerequisiteError("libvirtd is not reachable")
+
     vm_calls = []
+    marked = []
     monkeypatch.setattr(docker_provider, "clean", docker_stopped)
-    monkeypatch.setattr(cli_boxes, "clean_vms", lambda run_id, console: vm_calls.append(run_id))
+    monkeypatch.setattr(cli_boxes, "clean_vms", libvirtd_stopped)
+    monkeypatch.setattr(docker_run, "mark_cleaned", marked.append)
     assert cli.main(["clean", "--run-id", "20260101-000000-cccccc"]) == 2
     assert vm_calls == ["20260101-000000-cccccc"]
-    assert "the Docker daemon is not running" in capsys.readouterr().out
+    assert marked == []
+    output = capsys.readouterr().out
+    assert output.index("the Docker daemon is not running") < output.index("libvirtd is not reachable")

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from agent_double import AgentClient, AgentDouble, client_frame, http_get, node_identity, open_tls
+from agent_double import AgentClient, AgentDouble, agent_frames, client_frame, http_get, node_identity, open_tls
 from lab.certs import generate_identity
 from lab.protocol.events import AgentAuthenticated, AgentHashReported, ConsoleMessage, ProtocolViolation
 from lab.server.server import AgentConnection, Download, LabServer, ServerError
@@ -219,6 +219,36 @@ def test_frames_before_oversized_frame_handled(identity):
         await client.close()
 
     run(with_bystander(identity, action, max_message_size=4096))
+
+
+def test_replies_sent_before_protocol_error_close(identity):
+    async def action(server: LabServer):
+        client = await AgentClient.connect(HOST, server.port, new_agent(identity))
+        opening = b"".join(agent_frames(message) for message in client.agent.opening_messages())
+        await client.send_raw(opening + client_frame(0x2, b"a", rsv=0x40))
+        commands = []
+        while True:
+            frame = await client.receive_frame(TIMEOUT)
+            if frame.opcode == 0x8:
+                break
+            commands.append(frame.payload[:2])
+        assert frame.close_code == 1002
+        # The server's AuthRequest (1) and AuthVerify (2) follow the agent's opening messages.
+        assert commands[:2] == [b"\x00\x01", b"\x00\x02"]
+        await client.close()
+
+    run(with_bystander(identity, action))
+
+
+def test_invalid_utf8_close_reason_closes_1007(identity):
+    async def action(server: LabServer):
+        client = await AgentClient.connect(HOST, server.port, new_agent(identity))
+        await client.send_raw(client_frame(0x8, struct.pack(">H", 1000) + b"\xff\xfe"))
+        close = await client.receive_close(TIMEOUT)
+        assert close.close_code == 1007
+        await client.close()
+
+    run(with_bystander(identity, action))
 
 
 @pytest.mark.parametrize(

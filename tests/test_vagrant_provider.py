@@ -446,7 +446,7 @@ def _libvirtd_stopped(monkeypatch):
     monkeypatch.setattr(libvirt_util.subprocess, "run", fake_run)
 
 
-def test_clean_without_libvirtd_skips_runs_that_used_no_vm(tmp_path, monkeypatch):
+def test_clean_without_libvirtd_skips_vms(tmp_path, monkeypatch):
     from rich.console import Console
 
     from lab.cli_boxes import clean_vms
@@ -456,7 +456,7 @@ def test_clean_without_libvirtd_skips_runs_that_used_no_vm(tmp_path, monkeypatch
     console = Console(record=True, width=200)
     clean_vms("20260101-000000-aaaaaa", console)
     clean_vms(None, console)
-    assert console.export_text().count("libvirtd is not running and no VM run is recorded here") == 2
+    assert console.export_text().count("VM objects were not checked, because no VM run is recorded here and libvirtd is not reachable") == 2
 
 
 def test_clean_without_libvirtd_fails_for_a_vm_run(tmp_path, monkeypatch):

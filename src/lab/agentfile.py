@@ -15,6 +15,7 @@ import dataclasses
 import enum
 import hashlib
 import os
+import re
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -30,6 +31,9 @@ NULL_POLICY_GUID = bytes.fromhex("B996015880544A19B7F7E9BE44914C20")
 
 # Every MeshAgent build embeds its own source path in assertion and log messages.
 _AGENT_MARKER = b"agentcore.c"
+#: The characters that the agent's ILibTrimString removes from .msh lines and values.
+_MSH_BLANKS = " \t"
+_HEX_DIGITS = re.compile(r"(?:[0-9a-fA-F]{2})+")
 
 
 class ExecutableFormat(enum.Enum):
@@ -212,20 +216,24 @@ def load_agent_binary(path: str | os.PathLike[str], *, option: str = "--binary")
 
 
 def parse_msh(text: str | bytes) -> dict[str, str]:
-    """Parse .msh settings text into an ordered mapping, following the agent's reader.
+    """Parse .msh settings text into an ordered mapping, as the agent's importSettings reads it.
 
-    Lines split on LF with a trailing CR removed and whitespace trimmed, ``#`` lines are
-    skipped, and each line splits at its first ``=``. Lines without ``=`` are ignored.
+    Each LF-separated line loses its leading and trailing spaces and tabs. Lines starting with
+    ``#`` are skipped, and so are lines whose first ``=`` is missing or first. The key is the
+    text before that ``=``, kept as it is. The value is the text after it, without a trailing CR
+    and without spaces and tabs at either end. Unlike the agent, the mapping keeps empty values
+    (the agent deletes such a setting), ``CoreModule`` (ignored) and ``0x`` values as text
+    (stored hex-decoded).
     """
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
     settings: dict[str, str] = {}
     for raw_line in text.split("\n"):
-        line = raw_line.removesuffix("\r").strip()
-        if not line or line.startswith("#") or "=" not in line:
+        line = raw_line.strip(_MSH_BLANKS)
+        if line.startswith("#") or line.find("=") <= 0:
             continue
         key, value = line.split("=", 1)
-        settings[key.strip()] = value.strip()
+        settings[key] = value.removesuffix("\r").strip(_MSH_BLANKS)
     return settings
 
 
@@ -236,24 +244,32 @@ def format_msh(settings: Mapping[str, str] | Iterable[tuple[str, str]]) -> bytes
     """
     items = settings.items() if isinstance(settings, Mapping) else settings
     lines = []
+    seen: set[str] = set()
     for key, value in items:
-        problem = _msh_setting_problem(key, value)
+        problem = _msh_setting_problem(key, value, seen)
         if problem:
             raise ConfigError(f"invalid .msh setting {key!r}={value!r}: {problem}")
+        seen.add(key)
         lines.append(f"{key}={value}")
     return ("\n".join(lines) + "\n").encode()
 
 
-def _msh_setting_problem(key: str, value: str) -> str | None:
-    """Return why `parse_msh` would read the setting back differently, or None."""
-    if "\n" in key + value or "\r" in key + value:
+def _msh_setting_problem(key: str, value: str, seen: set[str]) -> str | None:
+    """Return why the agent would not read the setting as written, or None."""
+    if any(character in key + value for character in "\r\n"):
         return "it contains a line break"
     if "=" in key:
         return "the key contains '='"
-    if not key.strip():
+    if not key:
         return "the key is empty"
-    if key.strip().startswith("#"):
+    if key.startswith("#"):
         return "a key starting with '#' makes the line a comment"
-    if key != key.strip() or value != value.strip():
-        return "the agent trims spaces around keys and values"
+    if key != key.lstrip(_MSH_BLANKS) or value != value.strip(_MSH_BLANKS):
+        return "the agent trims spaces and tabs at the start of a line and around a value"
+    if key == "CoreModule":
+        return "the agent ignores the key CoreModule"
+    if len(value) > 2 and value.startswith("0x") and not _HEX_DIGITS.fullmatch(value[2:]):
+        return "the agent reads a value starting with 0x as hex, and the rest is not an even number of hex digits"
+    if key in seen:
+        return "the key is repeated, and the agent keeps only the last value"
     return None

@@ -24,9 +24,9 @@ from rich.table import Table
 
 from lab import agents
 from lab.agentfile import AgentBinary, load_agent_binary
-from lab.display import Display, summary_table
+from lab.display import Display, plain_printer, summary_table
 from lab.engine.cycles import CycleOptions, Fault, Mode, Timeouts
-from lab.engine.report import Report, written_when_interrupted
+from lab.engine.report import Report, write_report_on_interrupt
 from lab.errors import ConfigError, LabError
 from lab.faults.proxy import ProxyFaults
 from lab.protocol.commands import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
@@ -251,7 +251,7 @@ def _finish(report: Report, report_dir: Path | None) -> int:
     console.print(summary_table(report))
     if report_dir is not None:
         for path in report.write(report_dir):
-            console.print(f"wrote {path}")
+            console.print(f"wrote {escape(str(path))}")
     failed = report.failed_cycles
     if not report.cycles:
         console.print("[red]no cycle ran[/red]")
@@ -289,8 +289,8 @@ def command_run(args: argparse.Namespace) -> int:
     from lab.engine.local_run import run_local
 
     report_dir = args.report_dir
-    with Display(console) as display, written_when_interrupted(
-        report, lambda: report.write(report_dir) if report_dir is not None else [], console.print
+    with Display(console) as display, write_report_on_interrupt(
+        report, lambda: report.write(report_dir) if report_dir is not None else [], plain_printer(console)
     ):
         for options in options_by_mode.values():
             display.plan("local", str(options.mode), options.count)
@@ -305,7 +305,10 @@ def command_serve(args: argparse.Namespace) -> int:
     modes = _parse_modes(args.mode)
     binaries = load_binaries(args)
     report = Report(settings={"provider": "serve"})
-    with Display(console) as display:
+    report_dir = args.report_dir
+    with Display(console) as display, write_report_on_interrupt(
+        report, lambda: report.write(report_dir) if report_dir is not None else [], plain_printer(console)
+    ):
         asyncio.run(serve(args.host, args.port, binaries, cycle_options(args, modes[0]), report, display, console))
     return _finish(report, args.report_dir)
 
@@ -401,7 +404,7 @@ def command_clean(args: argparse.Namespace) -> int:
     from lab.cli_boxes import clean_vms
 
     # Both parts run even when one of them fails, so that a stopped libvirtd does not keep
-    # containers, nor a stopped dockerd VMs. The first failure is raised afterwards.
+    # containers, nor a stopped dockerd VMs. The errors are printed in order, the last one by main.
     failures: list[LabError] = []
     try:
         removed = docker_provider.clean(args.run_id)
@@ -412,10 +415,10 @@ def command_clean(args: argparse.Namespace) -> int:
         clean_vms(args.run_id, console)
     except LabError as error:
         failures.append(error)
-    for error in failures[1:]:
+    for error in failures[:-1]:
         console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
     if failures:
-        raise failures[0]
+        raise failures[-1]
     if args.run_id:
         from lab.engine.docker_run import mark_cleaned
 

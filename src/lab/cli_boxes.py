@@ -53,7 +53,7 @@ def clean_vms(run_id: str | None, console: Console) -> None:
     from lab.engine.docker_run import state_root
     from lab.providers import libvirt_util
 
-    # With libvirtd stopped, libvirt objects cannot be listed. A run that never used a VM has
+    # Without a reachable libvirtd, libvirt objects cannot be listed. A run that never used a VM has
     # no work root, and there is nothing of it to look for in libvirt. A run that did keeps its
     # work root until libvirtd is back, so that a later clean still finds it.
     if run_id is not None:
@@ -63,10 +63,10 @@ def clean_vms(run_id: str | None, console: Console) -> None:
         vm_run_recorded = runs_folder.is_dir() and any(path.is_dir() for path in runs_folder.glob("*.vagrant"))
     try:
         libvirt_util.virsh("uri")
-    except PrerequisiteError:
+    except PrerequisiteError as error:
         if vm_run_recorded:
             raise
-        console.print("libvirtd is not running and no VM run is recorded here; VM objects were not checked")
+        console.print(f"VM objects were not checked, because no VM run is recorded here and {error}", markup=False, highlight=False)
         return
     removed = clean_vm_runs(run_id, only_crashed=False)
     console.print(f"removed {len(removed)} VM objects" + (": " + ", ".join(removed) if removed else ""))

@@ -282,3 +282,15 @@ def summary_table(report: Report) -> Table:
             verdict,
         )
     return table
+
+
+def plain_printer(console: Console) -> Callable[[str], None]:
+    """Return a function that prints text to `console` as it is, without rich markup or highlighting.
+
+    Paths and error messages may contain brackets, which rich would otherwise read as markup.
+    """
+
+    def print_plain(text: str) -> None:
+        console.print(text, markup=False, highlight=False)
+
+    return print_plain

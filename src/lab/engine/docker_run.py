@@ -25,15 +25,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 
 from lab import agents, images
 from lab.agentfile import AgentBinary, agent_hash, format_msh, load_agent_binary
 from lab.certs import generate_identity
-from lab.display import Display, summary_table
+from lab.display import Display, plain_printer, summary_table
 from lab.engine.cycles import AgentDriver, CycleOptions, Mode, Outcome
 from lab.engine.expectations import Expectations, judge_matrix
 from lab.engine.local_run import agent_msh
-from lab.engine.report import FAILED, CycleResult, Report, written_when_interrupted
+from lab.engine.report import FAILED, CycleResult, Report, write_report_on_interrupt
 from lab.errors import ConfigError, LabError
 from lab.faults.proxy import proxied
 from lab.providers import docker as docker_provider
@@ -412,10 +413,10 @@ def run_docker_matrix(
     with Display(console) as display:
         for entry in entries:
             display.plan(f"{entry.target}/{entry.mode}", str(entry.mode), args.cycles)
-        for name in buildable:
-            with console.status(f"checking image {name} …") as status:
-                images.build(name, progress=lambda event, status=status: status.update(f"{event.target}: {event.step}: {event.message[:80]}"))
-        with written_when_interrupted(report, lambda: report.write(run_dir), console.print):
+        with write_report_on_interrupt(report, lambda: report.write(run_dir), plain_printer(console)):
+            for name in buildable:
+                with console.status(f"checking image {name} …") as status:
+                    images.build(name, progress=lambda event, status=status: status.update(f"{event.target}: {event.step}: {event.message[:80]}"))
             run_cleaning_up(_run_matrix(entries, args, options_by_mode, binaries, report, display, run_dir, run_id), run_id)
 
     return finish_matrix(report, run_dir, expectations, [f"{e.target}/{e.mode}" for e in entries], console)
@@ -441,7 +442,7 @@ def finish_matrix(report: Report, run_dir: Path, expectations: Expectations | No
     console.print(summary_table(report))
     run_dir.mkdir(parents=True, exist_ok=True)
     for path in report.write(run_dir):
-        console.print(f"wrote {path}")
+        console.print(f"wrote {escape(str(path))}")
     if expectations is None:
         return 1 if report.failed_cycles or not report.cycles else 0
     verdict = judge_matrix(report, expectations, labels)

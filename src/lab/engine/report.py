@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
+import signal
 import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Iterator
@@ -87,32 +89,62 @@ class Report:
         """Write report.json and junit.xml into `directory` and return their paths."""
         directory.mkdir(parents=True, exist_ok=True)
         json_path = directory / "report.json"
-        json_path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        replace_file(json_path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
         junit_path = directory / "junit.xml"
-        junit_path.write_bytes(render_junit(self))
+        replace_file(junit_path, render_junit(self))
         return [json_path, junit_path]
 
 
-@contextlib.contextmanager
-def written_when_interrupted(
-    report: Report, write: Callable[[], list[Path]], announce: Callable[[str], object]
-) -> Iterator[None]:
-    """Write the report with `write` when Ctrl-C or SIGTERM ends the block, then re-raise.
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file next to `path`, then rename it over `path`.
 
-    The report then covers the cycles that finished, and its settings contain ``"interrupted": true``.
+    A reader, or a run cut short while writing, finds either the old file or the new one.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def write_report_on_interrupt(
+    report: Report, write: Callable[[], list[Path]], announce: Callable[[str], object], *, unit: str = "cycles"
+) -> Iterator[None]:
+    """Run the block, and when Ctrl-C or SIGTERM ends it, write the report with `write` and re-raise.
+
+    The report then covers the `unit` (cycles or scenarios) that finished, and its settings
+    contain ``"interrupted": true``. Ctrl-C is ignored while the files are written.
     """
     try:
         yield
     except KeyboardInterrupt:
         report.settings["interrupted"] = True
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             paths = write()
         except OSError as error:
-            announce(f"cannot write the report of the interrupted run: {error}")
+            announce(f"failed to write the report of the interrupted run: {error}")
         else:
-            for path in paths:
-                announce(f"wrote {path} (the run was interrupted; it covers the cycles that finished)")
+            if paths:
+                written = ", ".join(str(path) for path in paths)
+                announce(f"wrote {written}: a partial report of the {unit} that finished before the interruption")
+        finally:
+            signal.signal(signal.SIGINT, previous)
         raise
+
+
+def add_interruption_case(root: ElementTree.Element, report: Report, finished: int, unit: str) -> None:
+    """Add a test suite with one erroring test case to `root` when the report's run was interrupted.
+
+    Without it, a JUnit reader would show an interrupted run whose finished cases passed as green.
+    """
+    if not report.settings.get("interrupted"):
+        return
+    suite = ElementTree.SubElement(root, "testsuite", name="updatelab run", tests="1", errors="1", failures="0", time="0")
+    case = ElementTree.SubElement(suite, "testcase", classname="updatelab", name="run interrupted")
+    ElementTree.SubElement(case, "error", message=f"the run was interrupted ({unit} finished: {finished})")
 
 
 def render_junit(report: Report) -> bytes:
@@ -137,6 +169,7 @@ def render_junit(report: Report) -> bytes:
             if not cycle.passed:
                 failure = ElementTree.SubElement(case, "failure", message=cycle.reason)
                 failure.text = json.dumps(dataclasses.asdict(cycle), indent=2)
+    add_interruption_case(root, report, len(report.cycles), "cycles")
     return ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)
 
 

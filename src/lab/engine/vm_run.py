@@ -29,7 +29,7 @@ from rich.console import Console
 from lab import boxes
 from lab.agentfile import AgentBinary
 from lab.certs import generate_identity
-from lab.display import Display
+from lab.display import Display, plain_printer
 from lab.engine.cycles import AgentDriver, CycleOptions, Mode
 from lab.engine.docker_run import (
     SERVICE_NAME,
@@ -46,7 +46,7 @@ from lab.engine.docker_run import (
 )
 from lab.engine.expectations import Expectations
 from lab.engine.local_run import agent_msh
-from lab.engine.report import FAILED, CycleResult, Report, written_when_interrupted
+from lab.engine.report import FAILED, CycleResult, Report, write_report_on_interrupt
 from lab.errors import ConfigError, LabError
 from lab.faults.proxy import proxied
 from lab.providers import accel, libvirt_util
@@ -286,21 +286,21 @@ def run_vm_matrix(
         run_id, work_root(run_id), boot_timeout=args.boot_timeout,
         on_step=lambda machine, step: state.step(machine, step),
     )
-    try:
-        with console.status("checking Vagrant, vagrant-libvirt, libvirtd, the boxes and KVM/TCG …"):
-            provider.preflight(names)
-    except LabError:
-        state.finish("cleaned")
-        raise
-    console.print(f"VMs use libvirt domain type {provider.domain_type}: {provider.accel_reason}")
-    report.settings["domain_type"] = provider.domain_type
-    report.settings["acceleration"] = provider.accel_reason
-
     entries = [MatrixEntry(name, mode) for name in names for mode in options_by_mode]
-    with Display(console) as display:
-        for entry in entries:
-            display.plan(f"{entry.target}/{entry.mode}", str(entry.mode), args.cycles)
-        with written_when_interrupted(report, lambda: report.write(run_dir), console.print):
+    with write_report_on_interrupt(report, lambda: report.write(run_dir), plain_printer(console)):
+        try:
+            with console.status("checking Vagrant, vagrant-libvirt, libvirtd, the boxes and KVM/TCG …"):
+                provider.preflight(names)
+        except LabError:
+            state.finish("cleaned")
+            raise
+        console.print(f"VMs use libvirt domain type {provider.domain_type}: {provider.accel_reason}")
+        report.settings["domain_type"] = provider.domain_type
+        report.settings["acceleration"] = provider.accel_reason
+
+        with Display(console) as display:
+            for entry in entries:
+                display.plan(f"{entry.target}/{entry.mode}", str(entry.mode), args.cycles)
             asyncio.run(_run_matrix(entries, args, options_by_mode, binaries, report, display, run_dir, provider, state))
 
     return finish_matrix(report, run_dir, expectations, [f"{e.target}/{e.mode}" for e in entries], console)

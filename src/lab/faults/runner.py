@@ -27,16 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from lab import agents, images
 from lab.agentfile import AgentBinary, load_agent_binary
 from lab.certs import ServerIdentity, generate_identity
-from lab.display import Display
+from lab.display import Display, plain_printer
 from lab.engine import docker_run
 from lab.engine.cycles import AgentDriver, CycleFailure, CycleFaults, CycleOptions, Mode, Reason, Timeouts
 from lab.engine.cycles import Outcome as CycleOutcome
 from lab.engine.local_run import agent_msh
-from lab.engine.report import FAILED, PASSED, CycleResult, Report, written_when_interrupted
+from lab.engine.report import FAILED, PASSED, CycleResult, Report, add_interruption_case, replace_file, write_report_on_interrupt
 from lab.errors import LabError
 from lab.protocol.commands import MAX_BLOCK_SIZE
 from lab.protocol.session import NativeUpdate
@@ -726,13 +727,16 @@ def reproduce(scenarios: list[Scenario], *, report_dir: Path | None, parallel: i
         for scenario in scenarios:
             clean = Outcome.NEXT_CYCLE_SUCCEEDS in scenario.outcomes
             display.plan(scenario.name, scenario.mode, scenario.cycles + int(clean))
-        for target in sorted({scenario.target for scenario in scenarios}):
-            with console.status(f"checking image {target} …") as status:
-                images.build(target, progress=lambda event, status=status: status.update(f"{event.target}: {event.step}: {event.message[:80]}"))
         finished: list[ScenarioResult] = []
-        with written_when_interrupted(
-            report, lambda: write_report(report, _in_catalogue_order(finished, scenarios), run_dir), console.print
+        with write_report_on_interrupt(
+            report,
+            lambda: write_report(report, _in_catalogue_order(finished, scenarios), run_dir),
+            plain_printer(console),
+            unit="scenarios",
         ):
+            for target in sorted({scenario.target for scenario in scenarios}):
+                with console.status(f"checking image {target} …") as status:
+                    images.build(target, progress=lambda event, status=status: status.update(f"{event.target}: {event.step}: {event.message[:80]}"))
             results = docker_run.run_cleaning_up(
                 _run_all(scenarios, report, display, run_dir, run_id, parallel, keep, finished), run_id
             )
@@ -740,7 +744,7 @@ def reproduce(scenarios: list[Scenario], *, report_dir: Path | None, parallel: i
     console.print(scenario_table(results))
     run_dir.mkdir(parents=True, exist_ok=True)
     for path in write_report(report, results, run_dir):
-        console.print(f"wrote {path}")
+        console.print(f"wrote {escape(str(path))}")
     return 0 if results and all(result.passed for result in results) else 1
 
 
@@ -774,7 +778,7 @@ def write_report(report: Report, results: list[ScenarioResult], directory: Path)
         "known_failures": sum(bool(result.known_failure) for result in results),
     }
     json_path = directory / "report.json"
-    json_path.write_text(json.dumps(data, indent=2) + "\n")
+    replace_file(json_path, (json.dumps(data, indent=2) + "\n").encode())
 
     root = ElementTree.Element("testsuites", name="updatelab")
     suite = ElementTree.SubElement(
@@ -787,6 +791,7 @@ def write_report(report: Report, results: list[ScenarioResult], directory: Path)
         if not result.passed:
             failure = ElementTree.SubElement(case, "failure", message=result.reason)
             failure.text = json.dumps(dataclasses.asdict(result), indent=2)
+    add_interruption_case(root, report, len(results), "scenarios")
     junit_path = directory / "junit.xml"
-    junit_path.write_bytes(ElementTree.tostring(root, encoding="utf-8", xml_declaration=True))
+    replace_file(junit_path, ElementTree.tostring(root, encoding="utf-8", xml_declaration=True))
     return [json_path, junit_path]

@@ -34,6 +34,14 @@ class Opcode(enum.IntEnum):
 class MessageTooBig(PeerProtocolError):
     """A message from the agent exceeds the configured maximum size."""
 
+    close_code = 1009
+
+
+class InvalidCloseReason(PeerProtocolError):
+    """A close frame whose reason is not valid UTF-8 (RFC 6455 section 8.1)."""
+
+    close_code = 1007
+
 
 @dataclasses.dataclass(frozen=True)
 class DataMessage:
@@ -189,17 +197,21 @@ class FrameReader:
 
 
 def _parse_close(payload: bytes) -> CloseFrame:
-    """Return the close frame that `payload` encodes, checked against RFC 6455 sections 5.5.1 and 7.4."""
+    """Parse and validate a close frame's payload (RFC 6455 sections 5.5.1, 7.4 and 8.1)."""
     if not payload:
         return CloseFrame(None, "")
     if len(payload) == 1:
-        raise PeerProtocolError("close frame with a 1-byte payload; a close code takes 2 bytes")
+        raise PeerProtocolError("close frame with a 1-byte payload, but a close code takes 2 bytes")
     code = struct.unpack_from(">H", payload)[0]
     # RFC 6455 section 7.4: 1004 is reserved, 1005, 1006 and 1015 must not be sent, and the rest
-    # of 1000-2999 is left to later specifications. IANA has since registered 1012-1014.
+    # of 1000-2999 is left to later specifications. 1012-1014 were registered with IANA after it.
     if not (1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999):
-        raise PeerProtocolError(f"close frame with code {code}, which a peer may not send")
-    return CloseFrame(code, payload[2:].decode("utf-8", errors="replace"))
+        raise PeerProtocolError(f"close frame with code {code}, which a peer must not send")
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidCloseReason(f"close frame with code {code} and a reason that is not valid UTF-8 ({error.reason})") from error
+    return CloseFrame(code, reason)
 
 
 def _unmask(payload: bytes, mask: bytes) -> bytes:

@@ -405,16 +405,18 @@ class LabServer:
                         await writer.drain()
                         return
 
-            if isinstance(framing_error, frames.MessageTooBig):
-                self._deliver(connection, [ProtocolViolation(str(framing_error))])
-                connection.close_reason = "oversized message"
-                writer.write(frames.encode_close(1009, "message too big"))
-                await writer.drain()
-                return
             if framing_error is not None:
-                self._deliver(connection, [ProtocolViolation(f"invalid websocket framing: {framing_error}")])
-                connection.close_reason = "invalid websocket framing"
-                writer.write(frames.encode_close(1002, "protocol error"))
+                # The replies to the messages handled above go out before the close frame.
+                await send_pending()
+                if isinstance(framing_error, frames.MessageTooBig):
+                    self._deliver(connection, [ProtocolViolation(str(framing_error))])
+                    connection.close_reason = "oversized message"
+                    writer.write(frames.encode_close(1009, "message too big"))
+                else:
+                    self._deliver(connection, [ProtocolViolation(f"invalid websocket framing: {framing_error}")])
+                    connection.close_reason = "invalid websocket framing"
+                    code = getattr(framing_error, "close_code", 1002)
+                    writer.write(frames.encode_close(code, "invalid payload" if code == 1007 else "protocol error"))
                 await writer.drain()
                 return
             await send_pending()
