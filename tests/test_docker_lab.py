@@ -15,6 +15,7 @@ import pytest
 from lab.engine.expectations import Expectations, judge_matrix
 from lab.engine.report import FAILED, PASSED, CycleResult, Report
 from lab.errors import ConfigError
+from lab.providers import docker as docker_provider
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -212,6 +213,10 @@ def test_sigkill_then_clean_leaves_nothing(tmp_path: Path, agent_packages) -> No
     run_id = json.loads(state_file.read_text())["run_id"]
     assert labelled_objects(run_id) != []
 
-    result = _run_cli("clean", "--run-id", run_id, env=state)
-    assert result.returncode == 0
-    assert labelled_objects(run_id) == []
+    try:
+        result = _run_cli("clean", "--run-id", run_id, env=state)
+        assert result.returncode == 0, result.stdout
+        assert labelled_objects(run_id) == []
+    finally:
+        # A failed check above must not leave the killed run's container for later runs.
+        docker_provider.clean(run_id)

@@ -408,7 +408,7 @@ def run_docker_matrix(
     run_dir = args.report_dir or (state_root() / run_id)
     prepare_report_dir(run_dir)
     report.settings["run_id"] = run_id
-    console.print(f"run {run_id}: report and evidence go to {run_dir}; after a crash, `updatelab clean --run-id {run_id}`")
+    console.print(f"run {run_id}: report and evidence go to {escape(str(run_dir))}; after a crash, `updatelab clean --run-id {run_id}`")
     entries = [MatrixEntry(name, mode) for name in buildable for mode in options_by_mode]
     with Display(console) as display:
         for entry in entries:

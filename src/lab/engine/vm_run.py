@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from lab import boxes
 from lab.agentfile import AgentBinary
@@ -277,7 +278,7 @@ def run_vm_matrix(
     run_dir = args.report_dir or (state_root() / run_id)
     prepare_report_dir(run_dir)
     report.settings["run_id"] = run_id
-    console.print(f"run {run_id}: report and evidence go to {run_dir}; after a crash, `updatelab clean --run-id {run_id}`")
+    console.print(f"run {run_id}: report and evidence go to {escape(str(run_dir))}; after a crash, `updatelab clean --run-id {run_id}`")
     state = RunState(run_id)
     state.data["provider"] = "vagrant"
     state.data["work_root"] = str(work_root(run_id))

@@ -721,7 +721,7 @@ def reproduce(scenarios: list[Scenario], *, report_dir: Path | None, parallel: i
     run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
     run_dir = report_dir or (docker_run.state_root() / run_id)
     docker_run.prepare_report_dir(run_dir)
-    console.print(f"run {run_id}: report and evidence go to {run_dir}; after a crash, `updatelab clean --run-id {run_id}`")
+    console.print(f"run {run_id}: report and evidence go to {escape(str(run_dir))}; after a crash, `updatelab clean --run-id {run_id}`")
     report = Report(settings={"run_id": run_id, "command": "reproduce", "scenarios": [str(s.path) for s in scenarios]})
     with Display(console) as display:
         for scenario in scenarios:
