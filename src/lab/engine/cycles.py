@@ -109,9 +109,6 @@ class CycleFaults:
     #: Runs before the last chunk of the recovery download is sent.
     before_download_end: Callable[[], None] | None = None
 
-    def any_native(self) -> bool:
-        return self.corrupt_block is not None or self.truncate is not None or self.wrong_final_hash
-
 
 @dataclasses.dataclass
 class CycleOptions:
