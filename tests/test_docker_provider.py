@@ -14,7 +14,6 @@ import secrets
 from pathlib import Path
 
 import docker.errors
-import docker.types
 import pytest
 
 from lab import images

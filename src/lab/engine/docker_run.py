@@ -138,6 +138,15 @@ def run_cleaning_up(coroutine: Coroutine[Any, Any, T], run_id: str) -> T:
         raise
 
 
+def start_run(report_dir: Path | None, console: Console) -> tuple[str, Path]:
+    """Choose a new run id and its report folder (`report_dir` or one under the state folder), check it, and print both."""
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+    run_dir = report_dir or (state_root() / run_id)
+    prepare_report_dir(run_dir)
+    console.print(f"run {run_id}: report and evidence go to {escape(str(run_dir))}; after a crash, `updatelab clean --run-id {run_id}`")
+    return run_id, run_dir
+
+
 def prepare_report_dir(path: Path) -> None:
     """Create `path` and check that files can be written in it, before anything is started."""
     try:
@@ -404,11 +413,8 @@ def run_docker_matrix(
 
     if not buildable:
         raise ConfigError("no target left to run: every target given was skipped (see above)")
-    run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
-    run_dir = args.report_dir or (state_root() / run_id)
-    prepare_report_dir(run_dir)
+    run_id, run_dir = start_run(args.report_dir, console)
     report.settings["run_id"] = run_id
-    console.print(f"run {run_id}: report and evidence go to {escape(str(run_dir))}; after a crash, `updatelab clean --run-id {run_id}`")
     entries = [MatrixEntry(name, mode) for name in buildable for mode in options_by_mode]
     with Display(console) as display:
         for entry in entries:

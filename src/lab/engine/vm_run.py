@@ -20,12 +20,10 @@ import json
 import logging
 import os
 import re
-import secrets
 import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.markup import escape
 
 from lab import boxes
 from lab.agentfile import AgentBinary
@@ -42,7 +40,7 @@ from lab.engine.docker_run import (
     binaries_for,
     finish_matrix,
     parse_targets,
-    prepare_report_dir,
+    start_run,
     state_root,
 )
 from lab.engine.expectations import Expectations
@@ -274,11 +272,8 @@ def run_vm_matrix(
     if removed:
         console.print(f"removed what an interrupted VM run left behind: {', '.join(removed)}")
 
-    run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
-    run_dir = args.report_dir or (state_root() / run_id)
-    prepare_report_dir(run_dir)
+    run_id, run_dir = start_run(args.report_dir, console)
     report.settings["run_id"] = run_id
-    console.print(f"run {run_id}: report and evidence go to {escape(str(run_dir))}; after a crash, `updatelab clean --run-id {run_id}`")
     state = RunState(run_id)
     state.data["provider"] = "vagrant"
     state.data["work_root"] = str(work_root(run_id))

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import logging
 import os
-import secrets
 import shlex
 import time
 from collections.abc import Callable
@@ -718,10 +717,7 @@ def reproduce(scenarios: list[Scenario], *, report_dir: Path | None, parallel: i
     removed = docker_run.recover_crashed_runs()
     if removed:
         console.print(f"removed what an interrupted run left behind: {', '.join(removed)}")
-    run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
-    run_dir = report_dir or (docker_run.state_root() / run_id)
-    docker_run.prepare_report_dir(run_dir)
-    console.print(f"run {run_id}: report and evidence go to {escape(str(run_dir))}; after a crash, `updatelab clean --run-id {run_id}`")
+    run_id, run_dir = docker_run.start_run(report_dir, console)
     report = Report(settings={"run_id": run_id, "command": "reproduce", "scenarios": [str(s.path) for s in scenarios]})
     with Display(console) as display:
         for scenario in scenarios:
