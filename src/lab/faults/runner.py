@@ -42,6 +42,7 @@ from lab.protocol.commands import MAX_BLOCK_SIZE
 from lab.protocol.session import NativeUpdate
 from lab.faults.proxy import FaultProxy, ProxyFaults
 from lab.faults.scenario import Outcome, Scenario, Step
+from lab.providers.base import ExecResult
 from lab.providers.docker import DockerProvider, DockerTarget
 from lab.server.server import LabServer
 from lab.services import ServiceManager, manager_for_name
@@ -54,6 +55,7 @@ INSTALLED_BINARY = docker_run.INSTALLED_BINARY
 #: Parent of the install folder; faults that need a small or read-only filesystem mount a tmpfs here.
 MESH_ROOT = str(Path(INSTALL_DIR).parent)
 FILLER = f"{MESH_ROOT}/updatelab-filler"
+APPEND_BYTE_TEXT = f"one byte appended to {INSTALLED_BINARY} while the service was stopped"
 
 #: Shorter waits than a matrix run: a fault scenario should reach its verdict quickly.
 SCENARIO_TIMEOUTS = Timeouts(
@@ -303,15 +305,23 @@ class ScenarioRun:
                 command = f"mv /etc/init.d/{SERVICE_NAME} /root/{SERVICE_NAME}.init"
                 text = f"/etc/init.d/{SERVICE_NAME} removed"
             case "append-byte":
-                self.manager.stop(SERVICE_NAME)
-                command = f"printf '\\000' >> {INSTALLED_BINARY}"
-                text = f"one byte appended to {INSTALLED_BINARY} while the service was stopped"
+                self._record_target_fault(APPEND_BYTE_TEXT + where, self._append_byte())
+                return
             case _:
                 return
-        result = target.run(command, timeout=60, check=False)
-        if fault.kind == "append-byte":
+        self._record_target_fault(text + where, target.run(command, timeout=60, check=False))
+
+    def _append_byte(self) -> ExecResult:
+        """Stop the service, append one zero byte to the installed binary, and start the service again."""
+        assert self.target is not None and self.manager is not None
+        self.manager.stop(SERVICE_NAME)
+        try:
+            return self.target.run(f"printf '\\000' >> {INSTALLED_BINARY}", timeout=60, check=False)
+        finally:
             self.manager.start(SERVICE_NAME)
-        detail = text + where + ("" if result.ok else f" (failed: {result.output.strip()[-200:]})")
+
+    def _record_target_fault(self, text: str, result: ExecResult) -> None:
+        detail = text + ("" if result.ok else f" (failed: {result.output.strip()[-200:]})")
         self.record("fault", detail)
         if result.ok:
             self.result.fault_fired = self.result.fault_fired or detail
@@ -415,8 +425,13 @@ class ScenarioRun:
         self.state.step(self.label, "deployed")
         self.record("deploy", f"meshcentral {scenario.from_version} agent installed, connecting through {agent_url}")
         if scenario.fault.step is Step.DEPLOYED:
+            # Only append-byte runs at this step. Its service stop can last the service manager's
+            # whole stop timeout (90 s with systemd's default), so it runs in a worker thread,
+            # where it holds up neither this server nor the other scenarios.
             self._armed = True
-            self._trigger(Step.DEPLOYED)
+            self._triggered = True
+            result = await asyncio.to_thread(self._append_byte)
+            self._record_target_fault(f"{APPEND_BYTE_TEXT} at {Step.DEPLOYED}", result)
         elif scenario.fault.kind == "noexec-tmp":
             options = self.target.run("findmnt -no OPTIONS /tmp", check=False).output
             if "noexec" in options.split(","):
