@@ -3,6 +3,7 @@
 PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 PYTEST ?= $(PYTHON) -m pytest
 LAB ?= $(PYTHON) -m lab
+comma := ,
 LINUX_TARGETS ?= debian12-systemd,debian13-systemd,debian12-sysvinit,debian12-i386-systemd,debian12-openrc,debian12-runit
 CYCLES ?= 3
 REPORT_DIR ?= runs/lab-linux
@@ -29,7 +30,7 @@ images:
 lab-linux:
 	$(LAB) agents fetch >/dev/null
 	$(LAB) agents fetch --version 0.7.99 >/dev/null
-	$(LAB) images build
+	$(LAB) images build $(subst $(comma), ,$(LINUX_TARGETS))
 	$(LAB) run --provider docker --targets $(LINUX_TARGETS) --mode native,recovery \
 		--cycles $(CYCLES) --expectations expectations.toml --report-dir $(REPORT_DIR)
 

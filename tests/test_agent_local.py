@@ -347,6 +347,10 @@ BAD_INPUT = {
     "block-size-small": (["--block-size", "100"], ["block size 100 is out of range"]),
     "block-size-large": (["--block-size", "70000"], ["block size 70000 is out of range"]),
     "port-in-use": (["--port", "{port}"], ["cannot listen on 127.0.0.1:{port}"]),
+    "binary-other-cpu": (["--binary", "{arm_agent}"], ["an ELF executable for aarch64", "this host runs x86-64 Linux builds"]),
+    "binary-windows": (["--alt-binary", "{windows_agent}"], ["a Windows (PE) executable", "meshagent_x86-64"]),
+    "report-dir-file": (["--report-dir", "{text_file}"], ["it is a file, not a folder"]),
+    "report-dir-unwritable": (["--report-dir", "/proc/updatelab-report"], ["cannot write the report to /proc/updatelab-report"]),
 }
 
 
@@ -359,7 +363,13 @@ def test_cli_bad_input(tmp_path: Path, case: tuple[list[str], list[str]]) -> Non
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
-        values = {"text_file": text_file, "port": listener.getsockname()[1]}
+        package = agents.require_package(agents.DEFAULT_VERSION)
+        values = {
+            "text_file": text_file,
+            "port": listener.getsockname()[1],
+            "arm_agent": package.binary("meshagent_aarch64"),
+            "windows_agent": package.binary("MeshService64.exe"),
+        }
         command = cli_command() + ["run", "--cycles", "1"] + [argument.format(**values) for argument in arguments]
         result = subprocess.run(command, env=cli_environment(temp_dir), capture_output=True, text=True, timeout=CLI_TIMEOUT)
 

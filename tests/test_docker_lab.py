@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lab import agents
 from lab.engine.expectations import Expectations, judge_matrix
 from lab.engine.report import FAILED, PASSED, CycleResult, Report
 from lab.errors import ConfigError
@@ -136,6 +137,22 @@ def test_unknown_target_lists_known() -> None:
     assert result.returncode == 2
     assert "unknown target nosuch-target" in result.stdout
     assert "debian12-systemd" in result.stdout
+
+
+@needs_docker
+@pytest.mark.docker
+@pytest.mark.agent
+def test_binary_for_other_cpu_rejected(tmp_path: Path, agent_packages) -> None:
+    amd64_agent = agent_packages[agents.DEFAULT_VERSION].binary("meshagent_x86-64")
+    state = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    result = _run_cli(
+        "run", "--provider", "docker", "--targets", "debian12-i386-systemd", "--binary", str(amd64_agent),
+        "--cycles", "1", "--report-dir", str(tmp_path / "report"), env=state,
+    )
+    assert result.returncode == 2, result.stdout
+    assert "an ELF executable for x86-64, but target debian12-i386-systemd runs x86 Linux builds" in result.stdout
+    assert "meshagent_x86." in result.stdout
+    assert not (tmp_path / "state" / "updatelab" / "runs").exists()
 
 
 # -- container runs -----------------------------------------------------------------------------

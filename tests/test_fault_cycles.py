@@ -131,6 +131,9 @@ def test_server_restart_ends_cycle_at_once():
             assert loop.time() - started < 10
             assert not result.passed
             assert result.reason.startswith(str(Reason.DISCONNECTED))
+            # The hash reported before the update is not this cycle's result.
+            assert driver.reported_hash == old.agent_hash
+            assert result.reported_hash is None
             await restarted[0]
             serving.cancel()
             await client.close()

@@ -423,6 +423,16 @@ def test_port_in_use(identity):
         holder.close()
 
 
+def test_foreign_address_named_in_error(identity):
+    # 192.0.2.1 (TEST-NET-1, RFC 5737) is on no interface here, so the bind fails locally and
+    # no packet is sent.
+    async def scenario():
+        with pytest.raises(ServerError, match="192.0.2.1 is not an address of this machine"):
+            await LabServer(identity, "192.0.2.1", 0).start()
+
+    run(scenario())
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", ""])
 def test_wildcard_bind_refused(identity, host):
     with pytest.raises(ServerError, match="refusing to bind"):

@@ -15,6 +15,7 @@ import dataclasses
 import enum
 import hashlib
 import os
+import platform
 import re
 import struct
 from collections.abc import Iterable, Mapping
@@ -209,10 +210,40 @@ def load_agent_binary(path: str | os.PathLike[str], *, option: str = "--binary")
         )
     if _AGENT_MARKER not in data:
         raise AgentFileError(
-            f"{option} {file_path}: a {executable_format.value} executable, but not a MeshAgent build "
+            f"{option} {file_path}: {describe_format(executable_format)}, but not a MeshAgent build "
             f"(the marker {_AGENT_MARKER.decode()!r} is missing)."
         )
     return AgentBinary(file_path, data, executable_format, elf_machine(data))
+
+
+def describe_format(executable_format: ExecutableFormat) -> str:
+    """Return the format as a phrase, such as "an ELF executable"."""
+    return {
+        ExecutableFormat.ELF: "an ELF executable",
+        ExecutableFormat.PE: "a Windows (PE) executable",
+        ExecutableFormat.MACHO: "a macOS (Mach-O) executable",
+    }[executable_format]
+
+
+#: ``platform.machine()`` values and the ELF machine names of agent builds that run on them.
+_HOST_MACHINES = {"x86_64": "x86-64", "amd64": "x86-64", "i386": "x86", "i686": "x86", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+def host_machine() -> str:
+    """Return the ELF machine name of agent builds for this host's CPU, such as "x86-64"."""
+    machine = platform.machine()
+    return _HOST_MACHINES.get(machine.lower(), machine)
+
+
+def require_linux_machine(binary: AgentBinary, machine: str, where: str) -> None:
+    """Raise AgentFileError unless `binary` is a Linux build for `machine`; `where` names the system."""
+    if binary.format is ExecutableFormat.ELF and binary.machine == machine:
+        return
+    build = describe_format(binary.format) + (f" for {binary.machine}" if binary.format is ExecutableFormat.ELF else "")
+    raise AgentFileError(
+        f"{binary.path}: {build}, but {where} runs {machine} Linux builds. "
+        f"Pass the matching agent from 'updatelab agents fetch', such as meshagent_{machine}."
+    )
 
 
 def parse_msh(text: str | bytes) -> dict[str, str]:

@@ -32,7 +32,8 @@ from lab.faults.proxy import ProxyFaults
 from lab.protocol.commands import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
 
 # Wide enough for the summary table when the output goes to a file or a CI log.
-console = Console(width=None if sys.stdout.isatty() else 160)
+# Output to a file or pipe keeps each line whole, so that it can be searched with grep.
+console = Console(width=None if sys.stdout.isatty() else 160, soft_wrap=not sys.stdout.isatty())
 
 
 def _integer_in_range(what: str, low: int, high: int | None, unit: str = "") -> Callable[[str], int]:
@@ -71,7 +72,7 @@ _positive = _integer_in_range("number", 1, None)
 def _add_cycle_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("update cycles")
     group.add_argument("--mode", default="native", help="native, recovery, or both comma-separated (default: native)")
-    group.add_argument("--cycles", type=_non_negative, default=3, help="update cycles per target and mode (default: 3)")
+    group.add_argument("--cycles", type=_non_negative, default=3, help="update cycles per target and mode, at least 1 for run (default: 3; serve accepts 0)")
     group.add_argument("--min-delay", type=_non_negative, default=0, help="minimum random delay before each update, in ms")
     group.add_argument("--max-delay", type=_non_negative, default=0, help="maximum random delay before each update, in ms")
     group.add_argument("--binary", help="agent binary to install first (default: meshagent_x86-64 of --agent-version)")
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("doctor", help="check every prerequisite and say how to fix what is missing")
 
-    boxes_parser = commands.add_parser("boxes", help="build or list the Vagrant boxes of VM targets")
+    boxes_parser = commands.add_parser("boxes", help="build, list or remove the Vagrant boxes of VM targets")
     boxes_commands = boxes_parser.add_subparsers(dest="boxes_command", required=True)
     box_build = boxes_commands.add_parser("build", help="build a box here from debootstrap and add it to Vagrant (cached)")
     box_build.add_argument("targets", nargs="*", help="VM targets to build (default: every target built here)")
@@ -152,8 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     remove = images_commands.add_parser("rm", help="remove target images")
     remove.add_argument("targets", nargs="+")
 
-    clean = commands.add_parser("clean", help="remove every container and network the lab created")
-    clean.add_argument("--run-id", help="only this run")
+    clean = commands.add_parser(
+        "clean",
+        help="remove the containers, networks and VMs of one run (--run-id), or of every run on this machine",
+        description="Without --run-id, every labelled object on this machine is removed, including other users' running labs.",
+    )
+    clean.add_argument("--run-id", help="only this run (printed when the run starts)")
     return parser
 
 
@@ -286,9 +291,15 @@ def command_run(args: argparse.Namespace) -> int:
 
         return run_docker_matrix(args, options_by_mode, binaries, report, console)
 
+    from lab.agentfile import host_machine, require_linux_machine
+    from lab.engine.docker_run import prepare_report_dir
     from lab.engine.local_run import run_local
 
+    for binary in binaries:
+        require_linux_machine(binary, host_machine(), "this host")
     report_dir = args.report_dir
+    if report_dir is not None:
+        prepare_report_dir(report_dir)
     with Display(console) as display, write_report_on_interrupt(
         report, lambda: report.write(report_dir) if report_dir is not None else [], plain_printer(console)
     ):
@@ -306,6 +317,10 @@ def command_serve(args: argparse.Namespace) -> int:
     binaries = load_binaries(args)
     report = Report(settings={"provider": "serve"})
     report_dir = args.report_dir
+    if report_dir is not None:
+        from lab.engine.docker_run import prepare_report_dir
+
+        prepare_report_dir(report_dir)
     with Display(console) as display, write_report_on_interrupt(
         report, lambda: report.write(report_dir) if report_dir is not None else [], plain_printer(console)
     ):

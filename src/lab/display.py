@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -269,9 +270,10 @@ def summary_table(report: Report) -> Table:
     table = Table(title="updatelab summary")
     for column in ("target", "cycle", "mode", "expected", "reported", "seconds", "verdict"):
         table.add_column(column)
-    for cycle in report.cycles:
+    # Sorted by target: parallel targets finish their cycles in no particular order.
+    for cycle in sorted(report.cycles, key=lambda cycle: cycle.target):
         reason = cycle.reason if len(cycle.reason) <= 90 else cycle.reason[:89] + "…"
-        verdict = "[green]passed[/green]" if cycle.passed else f"[red]failed[/red]: {reason}"
+        verdict = "[green]passed[/green]" if cycle.passed else f"[red]failed[/red]: {escape(reason)}"
         table.add_row(
             cycle.target,
             str(cycle.index),

@@ -190,6 +190,8 @@ class AgentDriver:
         self.on_event = on_event
         self._connection: AgentConnection | None = None
         self._reported_hash: bytes | None = None
+        #: The hash the agent reported after the current cycle's update, None until it does.
+        self._cycle_hash: bytes | None = None
         self._cycle: int | None = None
 
     @property
@@ -364,6 +366,7 @@ class AgentDriver:
         started = time.monotonic()
         before = await asyncio.to_thread(self.probe.snapshot) if self.probe else {}
         old_hash = self._reported_hash
+        self._cycle_hash = None
         self._record("cycle-start", f"{self.options.mode} update to {binary.path.name} ({binary.agent_hash.hex()[:12]}), expecting {outcome}")
 
         try:
@@ -372,7 +375,8 @@ class AgentDriver:
             else:
                 reported = await self._recovery_cycle(binary, outcome)
         except CycleFailure as failure:
-            result = self._result(index, binary, started, self._reported_hash, FAILED, str(failure))
+            # A hash reported before the update would look like this cycle's result, so only a later one is shown.
+            result = self._result(index, binary, started, self._cycle_hash, FAILED, str(failure))
             self._record("verdict", f"failed: {failure}")
             await self._add_evidence(result)
             return result
@@ -469,7 +473,7 @@ class AgentDriver:
         if not closed:
             # An agent that rejects the hash stays connected and sends nothing, so request its agent hash.
             current = await self._request_hash(connection)
-            self._reported_hash = current
+            self._reported_hash = self._cycle_hash = current
             if outcome is Outcome.REJECTED:
                 self._record("rejected", "the agent stayed connected and kept its old binary")
                 return current
@@ -483,7 +487,7 @@ class AgentDriver:
         except TimeoutError:
             raise CycleFailure(Reason.NO_RECONNECT, f"within {timeouts.reconnect:.0f} s") from None
         reported = await self._request_hash(new_connection)
-        self._reported_hash = reported
+        self._reported_hash = self._cycle_hash = reported
         expected = binary.agent_hash if outcome is Outcome.UPDATED else None
         if expected is not None and reported != expected:
             raise CycleFailure(Reason.WRONG_HASH, f"expected {expected.hex()[:12]}, reported {reported.hex()[:12]}")
@@ -561,7 +565,7 @@ class AgentDriver:
 
         if refused:
             # The recovery core checks that it runs as a service before it downloads anything.
-            self._reported_hash = await self._request_hash(connection)
+            self._reported_hash = self._cycle_hash = await self._request_hash(connection)
             return self._reported_hash
         if download.requests == 0:
             raise CycleFailure(Reason.DOWNLOAD_FAILED, "the agent reported a verified download that it never requested")

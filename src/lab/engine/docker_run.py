@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import time
 from collections.abc import Coroutine
@@ -28,7 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from lab import agents, images
-from lab.agentfile import AgentBinary, agent_hash, format_msh, load_agent_binary
+from lab.agentfile import AgentBinary, agent_hash, format_msh, load_agent_binary, require_linux_machine
 from lab.certs import generate_identity
 from lab.display import Display, plain_printer, summary_table
 from lab.engine.cycles import AgentDriver, CycleOptions, Mode, Outcome
@@ -147,8 +148,21 @@ def start_run(report_dir: Path | None, console: Console) -> tuple[str, Path]:
     return run_id, run_dir
 
 
+def fresh_evidence_dir(path: Path) -> Path:
+    """Remove what an earlier run in the same report folder left in `path`, and return `path`.
+
+    A report folder such as runs/lab-linux is reused by every run. Without this, files of an
+    earlier run of the same target would lie beside the new ones as if they were current.
+    """
+    if path.is_dir():
+        shutil.rmtree(path)
+    return path
+
+
 def prepare_report_dir(path: Path) -> None:
     """Create `path` and check that files can be written in it, before anything is started."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"cannot write the report to {path}: it is a file, not a folder; pick another --report-dir")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".updatelab-write-check"
@@ -273,7 +287,7 @@ async def _run_entry(
     binaries = binaries_for(recipe.agent, args, explicit)
     options = _container_options(options_by_mode[entry.mode])
     mesh_id = os.urandom(48)
-    evidence_dir = run_dir / entry.target / str(entry.mode)
+    evidence_dir = fresh_evidence_dir(run_dir / entry.target / str(entry.mode))
     target: DockerTarget | None = None
     failed = False
     try:
@@ -413,6 +427,13 @@ def run_docker_matrix(
 
     if not buildable:
         raise ConfigError("no target left to run: every target given was skipped (see above)")
+    # Without --binary, each target gets its own build from the package, and only --alt-binary
+    # is the user's. A build for another CPU would fail at the installer with "Exec format error".
+    given = binaries if args.binary else binaries[1:]
+    for name in buildable:
+        machine = images.load_recipe(name).agent.removeprefix("meshagent_")
+        for binary in given:
+            require_linux_machine(binary, machine, f"target {name}")
     run_id, run_dir = start_run(args.report_dir, console)
     report.settings["run_id"] = run_id
     entries = [MatrixEntry(name, mode) for name in buildable for mode in options_by_mode]

@@ -39,6 +39,7 @@ from lab.engine.docker_run import (
     _process_alive,
     binaries_for,
     finish_matrix,
+    fresh_evidence_dir,
     parse_targets,
     start_run,
     state_root,
@@ -151,7 +152,7 @@ async def _run_entry(
     binaries = binaries_for(definition.agent, args, explicit)
     options = _vm_options(options_by_mode[entry.mode])
     mesh_id = os.urandom(48)
-    evidence_dir = run_dir / entry.target / str(entry.mode)
+    evidence_dir = fresh_evidence_dir(run_dir / entry.target / str(entry.mode))
     target: VagrantTarget | None = None
     failed = False
     started = time.monotonic()

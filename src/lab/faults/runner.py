@@ -164,7 +164,7 @@ class ScenarioRun:
         self.other_identity = other_identity
         self.report = report
         self.display = display
-        self.evidence_dir = run_dir / scenario.name
+        self.evidence_dir = docker_run.fresh_evidence_dir(run_dir / scenario.name)
         self.state = state
         self.keep = keep
         self.label = scenario.name

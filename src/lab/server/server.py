@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import errno
 import ipaddress
 import logging
 import socket
@@ -156,10 +157,11 @@ class LabServer:
                 self._accept, self.host, self.port, ssl=self._ssl_context, limit=MAX_REQUEST_HEAD
             )
         except OSError as error:
-            raise ServerError(
-                f"cannot listen on {self.host}:{self.port}: {error.strerror}. "
-                "Pick another --port, or stop the program that uses it."
-            ) from error
+            if error.errno == errno.EADDRNOTAVAIL:
+                advice = f"{self.host} is not an address of this machine. Use 127.0.0.1 or the lab network's gateway."
+            else:
+                advice = "Pick another --port, or stop the program that uses it."
+            raise ServerError(f"cannot listen on {self.host}:{self.port}: {error.strerror}. {advice}") from error
         self.port = self._server.sockets[0].getsockname()[1]
         self._closing = False
         logger.info("server listening on %s:%d", self.host, self.port)
