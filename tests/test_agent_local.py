@@ -394,7 +394,8 @@ def test_cli_interrupt(tmp_path: Path) -> None:
         command, env=cli_environment(temp_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True).start()
+    reader = threading.Thread(target=read_lines, args=(process.stdout, lines), daemon=True)
+    reader.start()
     try:
         output = []
         deadline = time.monotonic() + CONNECT_TIMEOUT
@@ -424,3 +425,8 @@ def test_cli_interrupt(tmp_path: Path) -> None:
     assert returncode == 130
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["settings"]["interrupted"] is True
+    reader.join(EXIT_TIMEOUT)
+    remaining = []
+    while not lines.empty():
+        remaining.append(lines.get())
+    assert any("interrupted: stopping the agent" in line for line in output + remaining), "".join(output + remaining)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 from pathlib import Path
@@ -80,6 +81,11 @@ async def run_local(
                 on_event=display.event if display else None,
             )
             await driver.run()
+        except asyncio.CancelledError:
+            # After Ctrl-C the agent may take its 5 s SIGTERM grace period to stop, so the wait is announced.
+            if display:
+                display.event(target, None, "teardown", "interrupted: stopping the agent (SIGTERM, then SIGKILL after 5 s)")
+            raise
         finally:
             report.protocol_errors += server.protocol_errors
             agent.remove()
