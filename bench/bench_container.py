@@ -31,7 +31,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import platform
 import re
 import secrets
 import shlex
@@ -45,6 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_native import describe_host  # bench/ is on sys.path when this file runs as a script
 from lab import agents
 from lab.agentfile import load_agent_binary
 from lab.certs import generate_identity
@@ -73,16 +73,6 @@ FLOOR_RATIO_TARGET = 1.2
 # update-test.js prints "==> CycleCount: <done> of <count>" each time the agent reports its hash,
 # once after the first connection and once after every update.
 CYCLE_LINE = re.compile(r"==> CycleCount: (\d+) of (\d+)")
-
-
-def describe_host() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
 # -- the lab --------------------------------------------------------------------------------------

@@ -14,20 +14,9 @@ set -eu
 wait_seconds=${UPDATELAB_DOCKERD_WAIT:-60}
 dockerd_log=${UPDATELAB_DOCKERD_LOG:-/var/log/updatelab-dockerd.log}
 
-fail() {
-    echo "ensure-docker: $*" >&2
-    exit 1
-}
-
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo "$@"
-    else
-        fail "'$*' needs root, but this is not root and sudo is missing; rerun as root"
-    fi
-}
+script_name=ensure-docker
+# shellcheck source=scripts/common.sh
+. "$(dirname "$0")/common.sh"
 
 install_packages() {
     if ! command -v apt-get >/dev/null 2>&1; then
@@ -72,14 +61,5 @@ else
     as_root sh -c "nohup '$dockerd_path' >>'$dockerd_log' 2>&1 &"
 fi
 
-elapsed=0
-until docker info >/dev/null 2>&1; do
-    if [ "$elapsed" -ge "$wait_seconds" ]; then
-        echo "ensure-docker: last lines of $dockerd_log:" >&2
-        tail -n 20 "$dockerd_log" >&2 2>/dev/null || true
-        fail "dockerd did not respond to 'docker info' within $wait_seconds s; read $dockerd_log"
-    fi
-    sleep 1
-    elapsed=$((elapsed + 1))
-done
+wait_for "$wait_seconds" "$dockerd_log" dockerd docker info
 echo "ensure-docker: Docker engine is running (waited $elapsed s)"

@@ -19,20 +19,9 @@ daemon_log=${UPDATELAB_LIBVIRTD_LOG:-/var/log/updatelab-libvirtd.log}
 python=${PYTHON:-python3}
 connection=qemu:///system
 
-fail() {
-    echo "ensure-vagrant: $*" >&2
-    exit 1
-}
-
-as_root() {
-    if [ "$(id -u)" -eq 0 ]; then
-        "$@"
-    elif command -v sudo >/dev/null 2>&1; then
-        sudo "$@"
-    else
-        fail "'$*' needs root, but this is not root and sudo is missing; rerun as root"
-    fi
-}
+script_name=ensure-vagrant
+# shellcheck source=scripts/common.sh
+. "$(dirname "$0")/common.sh"
 
 have() {
     command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]
@@ -95,14 +84,5 @@ if ! pgrep -x libvirtd >/dev/null 2>&1; then
     as_root sh -c "nohup libvirtd >>'$daemon_log' 2>&1 &"
 fi
 
-elapsed=0
-until virsh -c "$connection" version >/dev/null 2>&1; do
-    if [ "$elapsed" -ge "$wait_seconds" ]; then
-        echo "ensure-vagrant: last lines of $daemon_log:" >&2
-        tail -n 20 "$daemon_log" >&2 2>/dev/null || true
-        fail "libvirtd did not respond to 'virsh -c $connection version' within $wait_seconds s; read $daemon_log"
-    fi
-    sleep 1
-    elapsed=$((elapsed + 1))
-done
+wait_for "$wait_seconds" "$daemon_log" libvirtd virsh -c "$connection" version
 echo "ensure-vagrant: libvirtd is running (waited $elapsed s)"

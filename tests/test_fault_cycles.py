@@ -39,13 +39,18 @@ async def serve_forever(client: AgentClient) -> None:
         pass
 
 
+async def serving_double(server: LabServer, identity) -> tuple[AgentDouble, AgentClient, asyncio.Task]:
+    """Connect a double to `server` and serve it in a task; return the double, its client and the task."""
+    agent = AgentDouble(server_id=identity.server_id, mesh_id=os.urandom(48), identity=node_identity(0))
+    client = await AgentClient.connect(HOST, server.port, agent)
+    await client.send_messages(agent.opening_messages())
+    return agent, client, asyncio.create_task(serve_forever(client))
+
+
 async def drive(faults: CycleFaults, outcome: Outcome, block_ack: float = 5) -> tuple[AgentDouble, dict]:
     identity = generate_identity([HOST])
     async with LabServer(identity, HOST) as server:
-        agent = AgentDouble(server_id=identity.server_id, mesh_id=os.urandom(48), identity=node_identity(0))
-        client = await AgentClient.connect(HOST, server.port, agent)
-        await client.send_messages(agent.opening_messages())
-        serving = asyncio.create_task(serve_forever(client))
+        agent, client, serving = await serving_double(server, identity)
         report = Report()
         old = binary(b"old", "old")
         new = binary(NEW_BINARY, "new")
@@ -106,10 +111,7 @@ def test_server_restart_ends_cycle_at_once():
     async def case():
         identity = generate_identity([HOST])
         async with LabServer(identity, HOST) as server:
-            agent = AgentDouble(server_id=identity.server_id, mesh_id=os.urandom(48), identity=node_identity(0))
-            client = await AgentClient.connect(HOST, server.port, agent)
-            await client.send_messages(agent.opening_messages())
-            serving = asyncio.create_task(serve_forever(client))
+            agent, client, serving = await serving_double(server, identity)
             old, new = binary(b"old", "old"), binary(NEW_BINARY, "new")
             agent.agent_hash = old.agent_hash
             options = CycleOptions(mode=Mode.NATIVE, timeouts=Timeouts(connect=TIMEOUT, hash_reply=TIMEOUT, block_ack=30))
@@ -177,10 +179,7 @@ def test_cycle_faults_default_to_none():
 
 async def connected_driver(server: LabServer, identity, report: Report) -> tuple[AgentDouble, AgentClient, asyncio.Task, AgentDriver]:
     """Connect a double to `server`, serve it in a task, and return it with a connected driver."""
-    agent = AgentDouble(server_id=identity.server_id, mesh_id=os.urandom(48), identity=node_identity(0))
-    client = await AgentClient.connect(HOST, server.port, agent)
-    await client.send_messages(agent.opening_messages())
-    serving = asyncio.create_task(serve_forever(client))
+    agent, client, serving = await serving_double(server, identity)
     options = CycleOptions(timeouts=Timeouts(connect=TIMEOUT, hash_reply=1))
     driver = AgentDriver(server=server, mesh_id=agent.mesh_id, target="double",
                          binaries=[binary(b"old", "old")], options=options, report=report)

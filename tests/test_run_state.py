@@ -110,3 +110,17 @@ def test_clean_reaches_vms_after_docker_fails(state_home, monkeypatch, capsys):
     assert marked == []
     output = capsys.readouterr().out
     assert output.index("the Docker daemon is not running") < output.index("libvirtd is not reachable")
+
+
+@pytest.mark.parametrize("run_id", ["", "-leading-dash", "has space", "slash/in", "ünï"])
+def test_provider_rejects_invalid_run_id(run_id):
+    from lab.providers.base import check_run_id
+
+    with pytest.raises(ValueError, match="invalid run id"):
+        check_run_id(run_id)
+
+
+def test_provider_accepts_lab_run_id():
+    from lab.providers.base import check_run_id
+
+    assert check_run_id("20261204-205856-3f768e") is None

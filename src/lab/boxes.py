@@ -130,17 +130,12 @@ def boxes_dir() -> Path:
     NOTE: the default is the ``boxes`` folder of a source checkout; an installed wheel does
     not contain it, so set UPDATELAB_BOXES_DIR there.
     """
-    override = os.environ.get(BOXES_DIR_ENV)
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2] / "boxes"
+    return images.checkout_folder(BOXES_DIR_ENV, "boxes")
 
 
 def known_targets() -> list[str]:
-    folder = boxes_dir()
-    if not folder.is_dir():
-        return []
-    return sorted(entry.name for entry in folder.iterdir() if (entry / "box.json").is_file())
+    """Return the sorted names of every folder in `boxes_dir` that contains a box.json."""
+    return images.folders_containing(boxes_dir(), "box.json")
 
 
 def load_definition(name: str) -> BoxDefinition:

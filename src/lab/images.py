@@ -149,18 +149,27 @@ def images_dir() -> Path:
     NOTE: the default is the ``images`` folder of a source checkout; an installed wheel does
     not contain it, so set UPDATELAB_IMAGES_DIR there.
     """
-    override = os.environ.get(IMAGES_DIR_ENV)
+    return checkout_folder(IMAGES_DIR_ENV, "images")
+
+
+def checkout_folder(environment_variable: str, name: str) -> Path:
+    """Return the folder that `environment_variable` names, or else folder `name` of the source checkout."""
+    override = os.environ.get(environment_variable)
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[2] / "images"
+    return Path(__file__).resolve().parents[2] / name
+
+
+def folders_containing(folder: Path, file_name: str) -> list[str]:
+    """Return the sorted names of the sub-folders of `folder` that contain `file_name`."""
+    if not folder.is_dir():
+        return []
+    return sorted(entry.name for entry in folder.iterdir() if (entry / file_name).is_file())
 
 
 def known_targets() -> list[str]:
     """Return the sorted names of every folder in `images_dir` that contains a recipe.toml."""
-    folder = images_dir()
-    if not folder.is_dir():
-        return []
-    return sorted(entry.name for entry in folder.iterdir() if (entry / "recipe.toml").is_file())
+    return folders_containing(images_dir(), "recipe.toml")
 
 
 def image_tag(name: str) -> str:

@@ -270,6 +270,29 @@ def _deploy(target: DockerTarget, binary: AgentBinary, msh: dict[str, str]) -> s
     return result.output
 
 
+async def drive_cycles(server: LabServer, mesh_id: bytes, label: str, binaries: list[AgentBinary], options: CycleOptions,
+                       report: Report, probe: ContainerProbe, display: Display) -> bool:
+    """Run the update cycles of one deployed target and return True when one of them failed.
+
+    The first cycle gets the target's evidence when no verdict collected it.
+    """
+    driver = AgentDriver(
+        server=server, mesh_id=mesh_id, target=label, binaries=binaries, options=options, report=report,
+        probe=probe, on_progress=display.transfer, on_event=display.event,
+    )
+    results = await driver.run()
+    if results and not results[0].evidence:
+        results[0].evidence = await asyncio.to_thread(probe.collect_evidence, 0)
+    return any(not result.passed for result in results)
+
+
+def record_lab_error(report: Report, display: Display, label: str, mode: Mode, error: LabError) -> None:
+    """Record a failure of the lab itself (not of the agent) as the failed cycle 0 of `label`."""
+    report.cycles.append(CycleResult(label, 0, str(mode), "", None, 0.0, FAILED, f"lab error: {error}"))
+    report.add_event(label, None, "lab-error", str(error))
+    display.event(label, None, "verdict", f"failed: {error}")
+
+
 async def _run_entry(
     entry: MatrixEntry,
     provider: DockerProvider,
@@ -322,20 +345,11 @@ async def _run_entry(
             return
 
         probe = ContainerProbe(target, manager, entry.mode, evidence_dir)
-        driver = AgentDriver(
-            server=server, mesh_id=mesh_id, target=label, binaries=binaries, options=options, report=report,
-            probe=probe, on_progress=display.transfer, on_event=display.event,
-        )
-        results = await driver.run()
-        failed = any(not result.passed for result in results)
-        if results and not results[0].evidence:
-            results[0].evidence = await asyncio.to_thread(probe.collect_evidence, 0)
+        failed = await drive_cycles(server, mesh_id, label, binaries, options, report, probe, display)
         state.step(label, "cycles finished")
     except LabError as error:
         failed = True
-        report.cycles.append(CycleResult(label, 0, str(entry.mode), "", None, 0.0, FAILED, f"lab error: {error}"))
-        report.add_event(label, None, "lab-error", str(error))
-        display.event(label, None, "verdict", f"failed: {error}")
+        record_lab_error(report, display, label, entry.mode, error)
     finally:
         if target is not None:
             if failed and args.keep:

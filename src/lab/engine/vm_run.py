@@ -29,7 +29,7 @@ from lab import boxes
 from lab.agentfile import AgentBinary
 from lab.certs import generate_identity
 from lab.display import Display, plain_printer
-from lab.engine.cycles import AgentDriver, CycleOptions, Mode
+from lab.engine.cycles import CycleOptions, Mode
 from lab.engine.docker_run import (
     SERVICE_NAME,
     ContainerProbe,
@@ -38,15 +38,17 @@ from lab.engine.docker_run import (
     _deploy,
     _process_alive,
     binaries_for,
+    drive_cycles,
     finish_matrix,
     fresh_evidence_dir,
     parse_targets,
+    record_lab_error,
     start_run,
     state_root,
 )
 from lab.engine.expectations import Expectations
 from lab.engine.local_run import agent_msh
-from lab.engine.report import FAILED, CycleResult, Report, write_report_on_interrupt
+from lab.engine.report import Report, write_report_on_interrupt
 from lab.errors import ConfigError, LabError
 from lab.faults.proxy import proxied
 from lab.providers import accel, libvirt_util
@@ -181,20 +183,11 @@ async def _run_entry(
 
         # ContainerProbe only uses the Target interface, so it checks a VM the same way.
         probe = ContainerProbe(target, manager, entry.mode, evidence_dir)
-        driver = AgentDriver(
-            server=server, mesh_id=mesh_id, target=label, binaries=binaries, options=options, report=report,
-            probe=probe, on_progress=display.transfer, on_event=display.event,
-        )
-        results = await driver.run()
-        failed = any(not result.passed for result in results)
-        if results and not results[0].evidence:
-            results[0].evidence = await asyncio.to_thread(probe.collect_evidence, 0)
+        failed = await drive_cycles(server, mesh_id, label, binaries, options, report, probe, display)
         state.step(label, "cycles finished")
     except LabError as error:
         failed = True
-        report.cycles.append(CycleResult(label, 0, str(entry.mode), "", None, 0.0, FAILED, f"lab error: {error}"))
-        report.add_event(label, None, "lab-error", str(error))
-        display.event(label, None, "verdict", f"failed: {error}")
+        record_lab_error(report, display, label, entry.mode, error)
     finally:
         _save_console(provider.work_root / vagrant_provider.machine_name(entry.target, str(entry.mode)), evidence_dir)
         if target is not None and failed and args.keep:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import re
 import shlex
 from collections.abc import Sequence
 
@@ -68,6 +69,12 @@ class Target(abc.ABC):
 
     def file_exists(self, path: str) -> bool:
         return self.run(["test", "-e", path], check=False).ok
+
+
+def check_run_id(run_id: str) -> None:
+    """Raise ValueError unless `run_id` can be part of container, network and libvirt names."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run_id):
+        raise ValueError(f"invalid run id {run_id!r}: use letters, digits, '-', '_' and '.'")
 
 
 class Provider(abc.ABC):

@@ -34,7 +34,7 @@ import docker.types
 
 from lab import images
 from lab.errors import PrerequisiteError, ProviderError, TargetBootError
-from lab.providers.base import ExecResult, Provider, Target
+from lab.providers.base import ExecResult, Provider, Target, check_run_id
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +267,7 @@ class DockerProvider(Provider):
         build_missing: bool = True,
         progress: images.ProgressCallback | None = None,
     ) -> None:
-        if not run_id or not all(char.isalnum() or char in "-_." for char in run_id):
-            raise ValueError(f"invalid run id {run_id!r}: use letters, digits, '-', '_' and '.'")
+        check_run_id(run_id)
         self.run_id = run_id
         self.boot_timeout = boot_timeout
         self.build_missing = build_missing

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import posixpath
-import re
 import select
 import shlex
 import shutil
@@ -40,11 +39,11 @@ from pathlib import Path
 from lab import boxes
 from lab.errors import PrerequisiteError, ProviderError, TargetBootError
 from lab.providers import accel, libvirt_util
-from lab.providers.base import ExecResult, Provider, Target
+from lab.providers.base import ExecResult, Provider, Target, check_run_id
 
 log = logging.getLogger(__name__)
 
-ENSURE_HINT = "run `sh scripts/ensure-vagrant.sh` (as root) to install and start it"
+ENSURE_HINT = libvirt_util.ENSURE_HINT
 NAME_PREFIX = "updatelab-"
 #: Private /24 subnets tried for run networks, starting at an offset derived from the run id.
 SUBNET_POOL = ipaddress.ip_network("10.233.0.0/16")
@@ -421,8 +420,7 @@ class VagrantProvider(Provider):
         domain_type: str | None = None,
         on_step: StepCallback | None = None,
     ) -> None:
-        if not run_id or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", run_id):
-            raise ValueError(f"invalid run id {run_id!r}: use letters, digits, '-', '_' and '.'")
+        check_run_id(run_id)
         self.run_id = run_id
         self.work_root = work_root
         self.boot_timeout = boot_timeout
