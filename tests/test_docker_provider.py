@@ -13,7 +13,6 @@ import os
 import secrets
 from pathlib import Path
 
-import docker.errors
 import pytest
 
 from lab import images

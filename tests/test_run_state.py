@@ -7,6 +7,7 @@ import json
 import pytest
 
 from lab.engine import docker_run
+from lab.engine.report import prepare_report_dir
 from lab.errors import ConfigError
 
 
@@ -74,8 +75,8 @@ def test_report_dir_must_be_writable(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(ConfigError, match=r"cannot write the report to .*file/sub.*pick another --report-dir"):
-        docker_run.prepare_report_dir(blocker / "sub")
-    docker_run.prepare_report_dir(tmp_path / "new" / "dir")
+        prepare_report_dir(blocker / "sub")
+    prepare_report_dir(tmp_path / "new" / "dir")
     assert (tmp_path / "new" / "dir").is_dir()
     assert list((tmp_path / "new" / "dir").iterdir()) == []
 

@@ -26,7 +26,7 @@ from lab import agents
 from lab.agentfile import AgentBinary, load_agent_binary
 from lab.display import Display, plain_printer, summary_table
 from lab.engine.cycles import CycleOptions, Fault, Mode, Timeouts
-from lab.engine.report import Report, write_report_on_interrupt
+from lab.engine.report import Report, prepare_report_dir, write_report_on_interrupt
 from lab.errors import ConfigError, LabError
 from lab.faults.proxy import ProxyFaults
 from lab.protocol.commands import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
@@ -292,7 +292,6 @@ def command_run(args: argparse.Namespace) -> int:
         return run_docker_matrix(args, options_by_mode, binaries, report, console)
 
     from lab.agentfile import host_machine, require_linux_machine
-    from lab.engine.docker_run import prepare_report_dir
     from lab.engine.local_run import run_local
 
     for binary in binaries:
@@ -318,8 +317,6 @@ def command_serve(args: argparse.Namespace) -> int:
     report = Report(settings={"provider": "serve"})
     report_dir = args.report_dir
     if report_dir is not None:
-        from lab.engine.docker_run import prepare_report_dir
-
         prepare_report_dir(report_dir)
     with Display(console) as display, write_report_on_interrupt(
         report, lambda: report.write(report_dir) if report_dir is not None else [], plain_printer(console)

@@ -47,6 +47,9 @@ class ProtocolError(LabError):
 class PeerProtocolError(ProtocolError):
     """The agent sent a malformed, truncated, unknown or oversized message."""
 
+    #: Websocket close code sent when the error ends the connection (1002: protocol error).
+    close_code = 1002
+
 
 class LocalProtocolError(ProtocolError):
     """The lab attempted an operation that the protocol state does not allow."""

@@ -35,7 +35,7 @@ from lab.display import Display, plain_printer, summary_table
 from lab.engine.cycles import AgentDriver, CycleOptions, Mode, Outcome
 from lab.engine.expectations import Expectations, judge_matrix
 from lab.engine.local_run import agent_msh
-from lab.engine.report import FAILED, CycleResult, Report, write_report_on_interrupt
+from lab.engine.report import FAILED, CycleResult, Report, prepare_report_dir, write_report_on_interrupt
 from lab.errors import ConfigError, LabError
 from lab.faults.proxy import proxied
 from lab.providers import docker as docker_provider
@@ -157,19 +157,6 @@ def fresh_evidence_dir(path: Path) -> Path:
     if path.is_dir():
         shutil.rmtree(path)
     return path
-
-
-def prepare_report_dir(path: Path) -> None:
-    """Create `path` and check that files can be written in it, before anything is started."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"cannot write the report to {path}: it is a file, not a folder; pick another --report-dir")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".updatelab-write-check"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"cannot write the report to {path}: {error.strerror or error}; pick another --report-dir") from None
 
 
 def _process_alive(pid: Any) -> bool:

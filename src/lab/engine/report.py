@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lab.errors import ConfigError
+
 PASSED = "passed"
 FAILED = "failed"
 
@@ -106,6 +108,19 @@ def replace_file(path: Path, data: bytes) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def prepare_report_dir(path: Path) -> None:
+    """Create `path` and check that files can be written in it, before anything is started."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"cannot write the report to {path}: it is a file, not a folder; pick another --report-dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".updatelab-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"cannot write the report to {path}: {error.strerror or error}; pick another --report-dir") from None
 
 
 @contextlib.contextmanager

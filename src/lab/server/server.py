@@ -417,8 +417,8 @@ class LabServer:
                 else:
                     self._deliver(connection, [ProtocolViolation(f"invalid websocket framing: {framing_error}")])
                     connection.close_reason = "invalid websocket framing"
-                    code = getattr(framing_error, "close_code", 1002)
-                    writer.write(frames.encode_close(code, "invalid payload" if code == 1007 else "protocol error"))
+                    reason = "invalid payload" if framing_error.close_code == 1007 else "protocol error"
+                    writer.write(frames.encode_close(framing_error.close_code, reason))
                 await writer.drain()
                 return
             await send_pending()
