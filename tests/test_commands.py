@@ -371,7 +371,7 @@ def test_json_builder_parses_back():
 
 
 @pytest.mark.parametrize("request_id", [-1, 0x10000])
-def test_build_rejects_request_id_out_of_range(request_id):
+def test_build_rejects_invalid_request_id(request_id):
     with pytest.raises(LocalProtocolError, match=f"invalid request id {request_id}"):
         commands.build_agent_hash_request(request_id)
     with pytest.raises(LocalProtocolError, match="0 to 65535"):

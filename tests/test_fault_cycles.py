@@ -40,7 +40,7 @@ async def serve_forever(client: AgentClient) -> None:
 
 
 async def serving_double(server: LabServer, identity) -> tuple[AgentDouble, AgentClient, asyncio.Task]:
-    """Connect a double to `server` and serve it in a task; return the double, its client and the task."""
+    """Connect a double to `server`, serve it in a task, and return the double, its client and the task."""
     agent = AgentDouble(server_id=identity.server_id, mesh_id=os.urandom(48), identity=node_identity(0))
     client = await AgentClient.connect(HOST, server.port, agent)
     await client.send_messages(agent.opening_messages())

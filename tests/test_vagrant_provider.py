@@ -459,7 +459,7 @@ def test_clean_without_libvirtd_skips_vms(tmp_path, monkeypatch):
     assert console.export_text().count("VM objects were not checked, because no VM run is recorded here and libvirtd is not reachable") == 2
 
 
-def test_clean_without_libvirtd_fails_for_a_vm_run(tmp_path, monkeypatch):
+def test_clean_without_libvirtd_fails_vm_run(tmp_path, monkeypatch):
     from rich.console import Console
 
     from lab.cli_boxes import clean_vms

@@ -236,7 +236,7 @@ def host_machine() -> str:
 
 
 def require_linux_machine(binary: AgentBinary, machine: str, where: str) -> None:
-    """Raise AgentFileError unless `binary` is a Linux build for `machine`; `where` names the system."""
+    """Raise AgentFileError unless `binary` is a Linux build for `machine`. `where` names the system that runs it."""
     if binary.format is ExecutableFormat.ELF and binary.machine == machine:
         return
     build = describe_format(binary.format) + (f" for {binary.machine}" if binary.format is ExecutableFormat.ELF else "")

@@ -53,9 +53,8 @@ def clean_vms(run_id: str | None, console: Console) -> None:
     from lab.engine.docker_run import state_root
     from lab.providers import libvirt_util
 
-    # Without a reachable libvirtd, libvirt objects cannot be listed. A run that never used a VM has
-    # no work root, and there is nothing of it to look for in libvirt. A run that did keeps its
-    # work root until libvirtd is back, so that a later clean still finds it.
+    # Without a reachable libvirtd nothing can be listed, which matters only for runs that used a
+    # VM. Their work root is kept until libvirtd is back, so that a later clean still finds them.
     if run_id is not None:
         vm_run_recorded = work_root(run_id).is_dir()
     else:

@@ -430,10 +430,10 @@ def run_docker_matrix(
         raise ConfigError("no target left to run: every target given was skipped (see above)")
     # Without --binary, each target gets its own build from the package, and only --alt-binary
     # is the user's. A build for another CPU would fail at the installer with "Exec format error".
-    given = binaries if args.binary else binaries[1:]
+    user_binaries = binaries if args.binary else binaries[1:]
     for name in buildable:
         machine = images.load_recipe(name).agent.removeprefix("meshagent_")
-        for binary in given:
+        for binary in user_binaries:
             require_linux_machine(binary, machine, f"target {name}")
     run_id, run_dir = start_run(args.report_dir, console)
     report.settings["run_id"] = run_id

@@ -113,7 +113,7 @@ def replace_file(path: Path, data: bytes) -> None:
 def prepare_report_dir(path: Path) -> None:
     """Create `path` and check that files can be written in it, before anything is started."""
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"cannot write the report to {path}: it is a file, not a folder; pick another --report-dir")
+        raise ConfigError(f"cannot write the report to {path}: it is a file, not a folder. Pick another --report-dir.")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".updatelab-write-check"

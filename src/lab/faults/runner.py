@@ -425,9 +425,8 @@ class ScenarioRun:
         self.state.step(self.label, "deployed")
         self.record("deploy", f"meshcentral {scenario.from_version} agent installed, connecting through {agent_url}")
         if scenario.fault.step is Step.DEPLOYED:
-            # Only append-byte runs at this step. Its service stop can last the service manager's
-            # whole stop timeout (90 s with systemd's default), so it runs in a worker thread,
-            # where it holds up neither this server nor the other scenarios.
+            # Only append-byte runs at this step. Its service stop can last systemd's whole stop
+            # timeout (90 s by default), so a worker thread runs it and the event loop goes on.
             self._armed = True
             self._triggered = True
             result = await asyncio.to_thread(self._append_byte)
